@@ -1,0 +1,134 @@
+"""Server-side aggregation: the global CMA-ES told the clients' local means, with the FedBPT step-size rule.
+
+The server never samples candidates itself: its "population" is the K client means after local search. Two
+consequences shape this module:
+- pycma at d >= 300 defaults to TPA step-size adaptation, which assumes the told points came from ask(); told
+  foreign points it never shrinks sigma. We pick CSA explicitly.
+- the local searches, not the server's sigma, produced the points, so the server's sigma is reset before
+  tell() to a value derived from the local step sizes (paper Eq. 6, or the reference example's rule).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedbpt.search import GlobalState, make_es
+
+log = logging.getLogger(__name__)
+
+SIGMA_FLOOR = 0.5  # the reference example's floor on the sent step size
+
+
+@dataclass
+class ClientUpdate:
+    site: str
+    mean: np.ndarray
+    fitness: float
+    sigmas: np.ndarray
+    popsize: int
+    n_train: int = 1
+
+
+@dataclass
+class AggregationInfo:
+    sigma_before_tell: float
+    sigma_sent: float
+    clipped: int = 0
+    notes: dict = field(default_factory=dict)
+
+
+def paper_sigma(fitnesses: np.ndarray, sigmas: list[np.ndarray], popsizes: list[int]) -> float:
+    """Paper Eq. 6: 2 * sqrt( sum_{k in S'} sum_j sigma_{k,j}^2 / (|S| lambda_k) ), S' = the best |S|/2 clients.
+
+    |S|/2 is rounded down and at least 1 client is kept.
+    """
+    s = len(fitnesses)
+    best = np.argsort(np.asarray(fitnesses), kind="stable")[: max(1, s // 2)]
+    total = sum(float(np.sum(np.square(sigmas[k]))) / popsizes[k] for k in best)
+    return 2.0 * float(np.sqrt(total / s))
+
+
+def reference_sigma(sigmas: list[np.ndarray], mu_local: int) -> float:
+    """The NVFlare example's rule before tell: sqrt( sum_k sum_j sigma_{k,j}^2 / m / mu_local )."""
+    m = len(sigmas)
+    return float(np.sqrt(sum(float(np.sum(np.square(s))) for s in sigmas) / m / mu_local))
+
+
+def reference_sigma_sent(sigma_after: float, sigma_before: float, previous_sent: float) -> float:
+    """The NVFlare example's step for the next round: min(max(ratio * previous, 0.5), previous).
+
+    The cap at the previous step means the step never grows; the floor only lifts a step that would fall below
+    0.5 while the previous one was at least 0.5, so from sigma0 >= 0.5 the step stays in [0.5, sigma0].
+    """
+    return min(max(sigma_after / sigma_before * previous_sent, SIGMA_FLOOR), previous_sent)
+
+
+def mahalanobis_clip_threshold(d: int) -> float:
+    """pycma's tell() rescales told points whose Mahalanobis distance from the mean exceeds this."""
+    return float(np.sqrt(d) + 2.0 * d / (d + 2.0))
+
+
+class ServerES:
+    """The global CMA-ES over z in R^d; popsize = mu = the number of clients per round."""
+
+    def __init__(
+        self, d: int, sigma0: float, clients_per_round: int, seed: int, bound: float = 0.0, sigma_rule: str = "paper"
+    ) -> None:
+        import cma
+
+        self.sigma_rule = sigma_rule
+        self.k = clients_per_round
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.es = make_es(
+                np.zeros(d), sigma0, clients_per_round, seed, bound,
+                {"CMA_mu": clients_per_round, "AdaptSigma": cma.sigma_adaptation.CMAAdaptSigmaCSA},
+            )
+        self.sent_sigma = float(sigma0)
+
+    @property
+    def d(self) -> int:
+        return self.es.N
+
+    def state(self, round_: int) -> GlobalState:
+        return GlobalState(round_, np.array(self.es.mean, dtype=np.float64), float(self.es.sigma),
+                           np.array(self.es.sm.C, dtype=np.float64))
+
+    def aggregate(self, updates: list[ClientUpdate]) -> AggregationInfo:
+        """Tell the client means with their local fitnesses; set sigma by the chosen rule."""
+        from threadpoolctl import threadpool_limits
+
+        if not updates:
+            raise ValueError("no client updates to aggregate")
+        fit = np.array([u.fitness for u in updates], dtype=np.float64)
+        sigmas = [np.asarray(u.sigmas, dtype=np.float64) for u in updates]
+        with threadpool_limits(1), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pycma warns that told solutions were not sampled by ask()
+            self.es.ask()  # pycma only accepts tell() after ask(); the samples are not used
+            if self.sigma_rule == "paper":
+                before = paper_sigma(fit, sigmas, [u.popsize for u in updates])
+            else:
+                before = reference_sigma(sigmas, max(1, updates[0].popsize // 2))
+            self.es.sigma = before
+            limit = mahalanobis_clip_threshold(self.d)
+            dist = np.array([self.es.mahalanobis_norm(u.mean - self.es.mean) for u in updates])
+            clipped = int(np.sum(dist > limit))
+            if clipped:
+                log.info("%d of %d client means lie beyond Mahalanobis distance %.2f: pycma rescales them onto it",
+                         clipped, len(updates), limit)
+            x = [np.asarray(u.mean, dtype=np.float64) for u in updates]
+            if len(x) < self.k:
+                # pycma needs mu = K points. A missing client is told as the current mean ranked last: it adds
+                # nothing to the mean shift or the rank-mu update, so the round moves on the answers it got.
+                missing = self.k - len(x)
+                x += [np.array(self.es.mean, dtype=np.float64)] * missing
+                fit = np.concatenate([fit, np.full(missing, fit.max() + 1.0)])
+            self.es.tell(x, fit.tolist())
+            if self.sigma_rule == "reference":
+                self.es.sigma = reference_sigma_sent(float(self.es.sigma), before, self.sent_sigma)
+        self.sent_sigma = float(self.es.sigma)
+        return AggregationInfo(before, self.sent_sigma, clipped, {"max_mahalanobis": float(dist.max())})

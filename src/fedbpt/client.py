@@ -1,0 +1,116 @@
+"""One site's FedBPT work, free of NVFlare: data shard, scorer, local search, evaluation.
+
+The NVFlare executor is a thin wrapper around :class:`SiteRuntime`. A runtime is cached per process and keyed
+by (config, site): the simulator recreates executors between tasks when it runs fewer threads than clients, and
+everything here can be rebuilt from the config and the site name alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import numpy as np
+
+from fedbpt.data import load_split, site_data, site_index
+from fedbpt.search import LocalObjective, derive_seed, evaluate, local_search, perturb
+from fedbpt.tasks import get_task
+from fedbpt.tiny import TINY_NAME, build_tiny_model, tiny_model_key
+from fedbpt.wire import decode_state, encode_update
+
+log = logging.getLogger(__name__)
+_RUNTIMES: dict[tuple, SiteRuntime] = {}
+
+
+def resolve_model_path(cfg: dict, train_texts: list[str] | None, cache_root: str) -> str:
+    """The model folder or hub id; builds the tiny random model (deterministically) when asked for it."""
+    if cfg["model_name"] != TINY_NAME:
+        return cfg["model_name"]
+    task = get_task(cfg["task_name"])
+    texts = [" ".join(t) for t in train_texts]
+    key = tiny_model_key(texts, task.label_words, cfg["seed"], 2000)
+    path = os.path.join(cfg.get("model_cache_dir") or cache_root, f"{TINY_NAME}-{task.name}-{key}")
+    return build_tiny_model(path, texts, task.label_words, cfg["seed"])
+
+
+def pick_device(requested: str | None) -> str:
+    """cuda when available (NVFlare's CUDA_VISIBLE_DEVICES decides which GPU that is), else cpu."""
+    import torch
+
+    if requested:
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class SiteRuntime:
+    def __init__(self, cfg: dict, site: str, cache_root: str) -> None:
+        import torch
+
+        from fedbpt.scorer import Scorer
+
+        self.cfg, self.site = cfg, site
+        self.task = get_task(cfg["task_name"])
+        if cfg.get("torch_threads"):
+            torch.set_num_threads(int(cfg["torch_threads"]))
+        self.index = site_index(site, cfg["num_clients"])
+        t0 = time.time()
+        full_train = load_split(self.task, "train", cfg["data_dir"])
+        data = site_data(self.task, cfg["data_dir"], cfg["k_shot"], cfg["num_clients"], self.index, cfg["iid"],
+                         cfg["alpha_dir"], cfg["seed"], full_train=full_train)
+        model_path = resolve_model_path(cfg, full_train.texts, cache_root)
+        self.scorer = Scorer(
+            model_path, self.task, cfg["n_prompt_tokens"], cfg["intrinsic_dim"], cfg["cat_or_add"], cfg["seed"],
+            cfg["sigma"], pick_device(cfg["device"]), cfg["precision"], cfg["max_batch_tokens"],
+        )
+        self.train = self.scorer.encode(data.train)
+        self.dev = self.scorer.encode(data.dev)
+        self.is_eval_client = site in cfg["eval_clients"].split(",")
+        self.test = self.scorer.encode(load_split(self.task, self.task.test_split, cfg["data_dir"])) \
+            if self.is_eval_client else None
+        log.info("%s: %d train, %d dev, %s test examples; model %s; ready in %.1fs", site, len(self.train),
+                 len(self.dev), len(self.test) if self.test is not None else "no", model_path, time.time() - t0)
+
+    @classmethod
+    def get(cls, cfg: dict, site: str, cache_root: str) -> SiteRuntime:
+        key = (json.dumps(cfg, sort_keys=True), site)
+        if key not in _RUNTIMES:
+            _RUNTIMES.clear()  # one site per process at a time: free the previous one
+            _RUNTIMES[key] = cls(cfg, site, cache_root)
+        return _RUNTIMES[key]
+
+    def _eval(self, z: np.ndarray, name: str, enc, out: dict) -> None:
+        r = evaluate(self.scorer.label_logits, z, enc, self.cfg["loss_type"])
+        out[f"{name}_loss"] = r["loss"]
+        out[f"{name}_n"] = r["n"]
+        out[f"{name}_confusion"] = r["confusion"]
+
+    def evaluate(self, z: np.ndarray, with_dev: bool) -> dict:
+        """The global prompt on this site's train shard, and (when due) its dev shard and the test set."""
+        out: dict = {}
+        self._eval(z, "train", self.train, out)
+        if with_dev:
+            self._eval(z, "dev", self.dev, out)
+            if self.test is not None:
+                self._eval(z, "test", self.test, out)
+        return out
+
+    def run_round(self, state_msg: dict, with_eval: bool, should_stop=None) -> dict:
+        """Evaluate the received global mean, then run the local search; returns the upload."""
+        cfg = self.cfg
+        state = decode_state(state_msg)
+        t0 = time.time()
+        metrics = self.evaluate(state.mean, with_eval)
+        t_eval = time.time() - t0
+        perturbed = None
+        if cfg["perturb"]:
+            rng = np.random.default_rng([cfg["seed"], self.index, state.round, 1])
+            perturbed = perturb(self.train, cfg["perturb_rate"], self.scorer.ordinary_ids, rng)
+        objective = LocalObjective(self.scorer.label_logits, self.train, cfg["loss_type"], perturbed)
+        seed = derive_seed(cfg["seed"], self.index, state.round)
+        res = local_search(state, objective, cfg["local_popsize"], cfg["local_iter"], seed, cfg["bound"], should_stop)
+        return encode_update(
+            res.mean, res.fitness, res.sigmas, res.popsize, len(self.train),
+            seconds_search=time.time() - t0 - t_eval, seconds_eval=t_eval, **metrics,
+        )

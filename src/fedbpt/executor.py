@@ -1,0 +1,49 @@
+"""NVFlare executor: unwraps the server's state, runs this site's FedBPT round, wraps the upload."""
+
+from __future__ import annotations
+
+import traceback
+
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+
+from fedbpt.client import SiteRuntime
+from fedbpt.tasks import ConfigError
+
+TASK_ROUND = "fedbpt_round"
+TASK_EVAL = "fedbpt_eval"
+
+
+class FedBPTExecutor(Executor):
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        self.config = config
+
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        site = fl_ctx.get_identity_name()
+        try:
+            msg = from_shareable(shareable).data
+            cache_root = fl_ctx.get_engine().get_workspace().get_root_dir()
+            runtime = SiteRuntime.get(self.config, site, cache_root)
+            if abort_signal.triggered:
+                return make_reply(ReturnCode.TASK_ABORTED)
+            if task_name == TASK_ROUND:
+                out = runtime.run_round(msg["state"], bool(msg["evaluate"]), lambda: abort_signal.triggered)
+            elif task_name == TASK_EVAL:
+                out = runtime.evaluate(msg["state"]["mean"], with_dev=True)
+            else:
+                self.log_error(fl_ctx, f"unknown task {task_name}")
+                return make_reply(ReturnCode.TASK_UNKNOWN)
+        except InterruptedError:
+            return make_reply(ReturnCode.TASK_ABORTED)
+        except ConfigError as exc:
+            self.log_error(fl_ctx, f"{site}: {exc}")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        except Exception:
+            self.log_error(fl_ctx, f"{site}: task {task_name} failed:\n{traceback.format_exc()}")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        return DXO(data_kind=DataKind.COLLECTION, data=out).to_shareable()

@@ -1,0 +1,358 @@
+"""The black-box scorer: a frozen masked LM, the random projection A, and prompt injection.
+
+Only label-word logits at the mask position leave this module. The prompt enters through forward hooks on
+the model's public embedding modules, so any Hugging Face masked LM with a word-embedding module inside an
+embeddings block works (RoBERTa, BERT, ...); no model code is copied or patched.
+
+Speed: a whole CMA-ES generation (and its perturbed twin) is scored in as few forward passes as the token
+budget allows; examples are grouped by length and each batch is padded to its own longest sequence; only the
+hidden state at the mask goes through the LM head, whose decoder is cut down to the label-word rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import string
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedbpt.data import Examples
+from fedbpt.tasks import ConfigError, TaskSpec
+
+log = logging.getLogger(__name__)
+
+MAX_SEQ_LEN = 512
+PLACEHOLDER_START = 1000  # the reference uses token ids 1000..1000+n-1 as prompt placeholders
+_MODEL_CACHE: dict[tuple, tuple] = {}
+
+
+@dataclass
+class Encoded:
+    """Tokenised examples. ``text_mask`` marks ordinary text tokens: the only ones perturbation may replace."""
+
+    ids: list[np.ndarray]
+    text_mask: list[np.ndarray]
+    mask_pos: np.ndarray
+    labels: np.ndarray
+    dropped: int = 0
+    order: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        # longest first, so the first batch shows the peak memory at once
+        self.order = np.argsort([-len(x) for x in self.ids], kind="stable")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def with_ids(self, ids: list[np.ndarray]) -> Encoded:
+        return Encoded(ids, self.text_mask, self.mask_pos, self.labels, self.dropped)
+
+
+def load_model(model_path: str, device: str) -> tuple:
+    """Load tokenizer and frozen MLM once per process (executors may be rebuilt; the process stays)."""
+    key = (model_path, device)
+    if key not in _MODEL_CACHE:
+        import torch
+        from transformers import AutoModelForMaskedLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        is_local = os.path.isdir(model_path)
+        if not is_local and (os.path.sep in model_path or model_path.startswith(".")):
+            raise ConfigError(f"model directory {model_path} does not exist: fix --model_name or build the model first")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_path)
+            model = AutoModelForMaskedLM.from_pretrained(model_path, attn_implementation="sdpa")
+        except OSError as exc:
+            where = "local folder" if is_local else "Hugging Face hub id"
+            raise ConfigError(
+                f"cannot load model '{model_path}' ({where}): {str(exc).splitlines()[0][:160]}; "
+                f"pass --model_name with a local model directory, or --model_name tiny-random for a smoke run"
+            ) from None
+        if not getattr(tokenizer, "is_fast", False):
+            raise ConfigError(f"model '{model_path}' has no fast tokenizer: FedBPT needs offsets to find the text")
+        model.eval().requires_grad_(False).to(device)
+        _MODEL_CACHE[key] = (tokenizer, model)
+        del torch
+    return _MODEL_CACHE[key]
+
+
+def _render(template: str, columns: tuple[str, ...], values: tuple[str, ...], mask: str) -> tuple[str, list]:
+    """Fill the template; return the string and the character spans of the inserted text values."""
+    fields = dict(zip(columns, values))
+    out, spans, pos = [], [], 0
+    for literal, name, _, _ in string.Formatter().parse(template):
+        out.append(literal)
+        pos += len(literal)
+        if name is None:
+            continue
+        value = mask if name == "mask" else fields[name]
+        if name != "mask":
+            spans.append((pos, pos + len(value)))
+        out.append(value)
+        pos += len(value)
+    return "".join(out), spans
+
+
+class Scorer:
+    """Scores candidate z vectors on encoded examples through the frozen model."""
+
+    def __init__(
+        self,
+        model_path: str,
+        task: TaskSpec,
+        n_prompt_tokens: int = 50,
+        intrinsic_dim: int = 500,
+        cat_or_add: str = "add",
+        seed: int = 1234,
+        sigma: float = 1.0,
+        device: str = "cpu",
+        precision: str = "fp32",
+        max_batch_tokens: int = 32768,
+    ) -> None:
+        import torch
+
+        self.torch = torch
+        self.task = task
+        self.n_prompt = n_prompt_tokens
+        self.d = intrinsic_dim
+        self.mode = cat_or_add
+        self.device = torch.device(device)
+        self.max_batch_tokens = max_batch_tokens
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        if self.autocast_dtype is not None and self.device.type != "cuda":
+            raise ConfigError(f"--precision {precision} needs a CUDA device: use --precision fp32 on {device}")
+        self.tokenizer, self.model = load_model(model_path, device)
+        tok = self.tokenizer
+        if tok.mask_token_id is None:
+            raise ConfigError(f"model '{model_path}' has no mask token: FedBPT needs a masked LM")
+
+        self.label_ids = []
+        for word in task.label_words:
+            ids = tok(" " + word, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                raise ConfigError(
+                    f"label word '{word}' is {len(ids)} tokens for this tokenizer: FedBPT needs single-token label "
+                    f"words; use a model whose vocabulary has ' {word}' as one token"
+                )
+            self.label_ids.append(ids[0])
+
+        word_emb = self.model.get_input_embeddings()
+        self.hidden = word_emb.weight.shape[1]
+        self.embeddings_module = self._parent_of(word_emb)
+        special = set(tok.all_special_ids)
+        vocab = len(tok)
+        start = PLACEHOLDER_START if PLACEHOLDER_START + n_prompt_tokens <= vocab else len(special)
+        self.placeholder_ids = np.arange(start, start + n_prompt_tokens, dtype=np.int64)
+        self.ordinary_ids = np.array([i for i in range(vocab) if i not in special], dtype=np.int64)
+
+        # BBT: the LM head's output bias is zero. Keep the full decoder for reference checks; score with a
+        # decoder reduced to the label-word rows.
+        full = self.model.get_output_embeddings()
+        with torch.no_grad():
+            if getattr(full, "bias", None) is not None:
+                full.bias.zero_()
+            head_bias = getattr(getattr(self.model, "lm_head", None), "bias", None)
+            if head_bias is not None:
+                head_bias.zero_()
+        self.full_decoder = full
+        self.label_decoder = torch.nn.Linear(self.hidden, len(self.label_ids)).to(self.device)
+        with torch.no_grad():
+            self.label_decoder.weight.copy_(full.weight[self.label_ids])
+            self.label_decoder.bias.zero_()  # a zero bias, not None: BERT's set_output_embeddings copies it
+        self.label_decoder.requires_grad_(False)
+        self.head = self._find_head(full)
+
+        # Projection A, (n*h) x d, N(0, std) with std = std_hat / (sqrt(d) * sigma): the same on every site.
+        std_hat = float(word_emb.weight.detach().float().std())
+        self.proj_std = std_hat / (np.sqrt(intrinsic_dim) * sigma)
+        gen = torch.Generator().manual_seed(seed)
+        a = torch.randn((n_prompt_tokens * self.hidden, intrinsic_dim), generator=gen) * self.proj_std
+        self.A_t = a.t().contiguous().to(self.device)  # (d, n*h): z @ A^T is one matmul per generation
+        self._prompt = None
+        self._hook = (self.embeddings_module if cat_or_add == "add" else word_emb).register_forward_hook(self._inject)
+
+    # ---- model plumbing -------------------------------------------------------------------------------
+    def _parent_of(self, module):
+        for m in self.model.modules():
+            if any(child is module for child in m.children()):
+                return m
+        raise ConfigError("cannot find the embeddings block of this model: use a BERT/RoBERTa-style masked LM")
+
+    def _find_head(self, full_decoder):
+        """The LM head module (e.g. RoBERTa's lm_head, BERT's cls), if it is one child holding the decoder."""
+        base = getattr(self.model, self.model.base_model_prefix, None)
+        heads = [m for _, m in self.model.named_children() if m is not base]
+        if len(heads) == 1 and any(m is full_decoder for m in heads[0].modules()):
+            return heads[0]
+        return None
+
+    @contextlib.contextmanager
+    def _decoder(self, decoder):
+        self.model.set_output_embeddings(decoder)
+        try:
+            yield
+        finally:
+            self.model.set_output_embeddings(self.full_decoder)
+
+    def _inject(self, module, args, output):
+        if self._prompt is None:
+            return output
+        p = self._prompt.to(output.dtype)
+        n = self.n_prompt
+        if self.mode == "add":
+            return self.torch.cat([output[:, :1], output[:, 1 : 1 + n] + p, output[:, 1 + n :]], dim=1)
+        return self.torch.cat([output[:, :1], p, output[:, 1 + n :]], dim=1)
+
+    @contextlib.contextmanager
+    def prompt(self, rows):
+        """Within the block every forward pass gets ``rows`` ((batch, n, h) or (n, h)) injected."""
+        self._prompt = rows
+        try:
+            yield
+        finally:
+            self._prompt = None
+
+    def prompts(self, z: np.ndarray):
+        """(C, d) -> (C, n, h) prompt embeddings A z."""
+        t = self.torch.as_tensor(np.atleast_2d(z), dtype=self.torch.float32, device=self.device)
+        return (t @ self.A_t).view(t.shape[0], self.n_prompt, self.hidden)
+
+    # ---- encoding -------------------------------------------------------------------------------------
+    def encode(self, examples: Examples) -> Encoded:
+        tok, task = self.tokenizer, self.task
+        ids, text_masks, mask_pos, keep = [], [], [], []
+        for i, (values, _) in enumerate(zip(examples.texts, examples.labels)):
+            text, spans = _render(task.template, task.text_columns, values, tok.mask_token)
+            enc = tok(text, return_offsets_mapping=True, add_special_tokens=True)
+            x = np.asarray(enc["input_ids"], dtype=np.int64)
+            if len(x) + self.n_prompt > MAX_SEQ_LEN:
+                continue  # as the reference: inputs longer than 512 tokens are dropped
+            offsets = enc["offset_mapping"]
+            in_text = np.array([any(s <= a and b <= e and b > a for s, e in spans) for a, b in offsets], dtype=bool)
+            positions = np.flatnonzero(x == tok.mask_token_id)
+            if len(positions) != 1:
+                raise ConfigError(f"the encoded template of task {task.name} has {len(positions)} mask tokens, not 1")
+            in_text &= x != tok.mask_token_id
+            x = np.concatenate([x[:1], self.placeholder_ids, x[1:]])
+            in_text = np.concatenate([[False], np.zeros(self.n_prompt, dtype=bool), in_text[1:]])
+            ids.append(x)
+            text_masks.append(in_text)
+            mask_pos.append(positions[0] + self.n_prompt)
+            keep.append(i)
+        dropped = len(examples) - len(keep)
+        if dropped:
+            log.info("dropped %d of %d examples longer than %d tokens", dropped, len(examples), MAX_SEQ_LEN)
+        return Encoded(ids, text_masks, np.asarray(mask_pos, dtype=np.int64), examples.labels[keep], dropped)
+
+    # ---- scoring --------------------------------------------------------------------------------------
+    def _batches(self, enc: Encoded, rows_per_example: int):
+        """Yield (example indices, padded ids, attention mask): each batch padded to its own longest."""
+        torch = self.torch
+        pad = self.tokenizer.pad_token_id
+        order = enc.order
+        i = 0
+        while i < len(order):
+            longest = len(enc.ids[order[i]])
+            n = max(1, self.max_batch_tokens // (longest * rows_per_example))
+            idx = order[i : i + n]
+            i += len(idx)
+            ids = np.full((len(idx), longest), pad, dtype=np.int64)
+            att = np.zeros((len(idx), longest), dtype=np.int64)
+            for r, j in enumerate(idx):
+                ids[r, : len(enc.ids[j])] = enc.ids[j]
+                att[r, : len(enc.ids[j])] = 1
+            yield idx, torch.from_numpy(ids).to(self.device), torch.from_numpy(att).to(self.device)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return self.torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def label_logits(self, z: np.ndarray, enc: Encoded) -> np.ndarray:
+        """Label-word logits at the mask, shape (C, N, num_labels), for C candidates z (C, d) or one z (d,)."""
+        torch = self.torch
+        z = np.atleast_2d(z)
+        c_total, n_ex = len(z), len(enc)
+        out = np.zeros((c_total, n_ex, len(self.label_ids)), dtype=np.float32)
+        if n_ex == 0:
+            return out
+        longest = max(len(x) for x in enc.ids)
+        # candidates per pass: as many as fit the token budget with at least one example each
+        c_chunk = max(1, min(c_total, self.max_batch_tokens // longest))
+        with torch.inference_mode(), self._autocast():
+            for c0 in range(0, c_total, c_chunk):
+                p = self.prompts(z[c0 : c0 + c_chunk])
+                cc = len(p)
+                for idx, ids, att in self._batches(enc, cc):
+                    b = len(idx)
+                    rows = p.repeat_interleave(b, dim=0)  # candidate-major: row = c * b + example
+                    ids_r, att_r = ids.repeat(cc, 1), att.repeat(cc, 1)
+                    mpos = torch.as_tensor(enc.mask_pos[idx], device=self.device).repeat(cc)
+                    with self.prompt(rows):
+                        logits = self._mask_logits(ids_r, att_r, mpos)
+                    out[c0 : c0 + cc, idx] = logits.float().view(cc, b, -1).cpu().numpy()
+        return out
+
+    def _mask_logits(self, ids, att, mpos):
+        torch = self.torch
+        rows = torch.arange(len(ids), device=self.device)
+        if self.head is not None:
+            hidden = self.model.base_model(input_ids=ids, attention_mask=att).last_hidden_state
+            with self._decoder(self.label_decoder):
+                return self.head(hidden[rows, mpos])
+        with self._decoder(self.label_decoder):
+            return self.model(input_ids=ids, attention_mask=att).logits[rows, mpos]
+
+    def full_vocab_mask_logits(self, z: np.ndarray, ids, att, mpos):
+        """Reference path: the unmodified model with its full-vocabulary head; logits at the mask (B, V)."""
+        torch = self.torch
+        with torch.inference_mode(), self.prompt(self.prompts(z)[0]):
+            logits = self.model(input_ids=ids, attention_mask=att).logits
+        return logits[torch.arange(len(ids)), mpos]
+
+
+def loss_and_metrics(logits: np.ndarray, labels: np.ndarray, loss_type: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-candidate loss (C,) and confusion matrices (C, L, L) [true, predicted] from (C, N, L) logits.
+
+    ce: mean cross-entropy over the label words. hinge: multi-class margin loss, margin 2, as
+    torch.nn.MultiMarginLoss (per example: sum over wrong classes of max(0, 2 - s_y + s_j), divided by the
+    number of classes), summed over examples and divided by N. perf: minus accuracy.
+    """
+    x = np.asarray(logits, dtype=np.float64)
+    c, n, k = x.shape
+    y = np.asarray(labels, dtype=np.int64)
+    pred = x.argmax(-1)
+    conf = np.zeros((c, k, k), dtype=np.int64)
+    for ci in range(c):
+        np.add.at(conf[ci], (y, pred[ci]), 1)
+    if n == 0:
+        return np.zeros(c), conf
+    true = x[:, np.arange(n), y]
+    if loss_type == "ce":
+        m = x.max(-1)
+        lse = m + np.log(np.exp(x - m[..., None]).sum(-1))
+        loss = (lse - true).mean(-1)
+    elif loss_type == "hinge":
+        margins = np.maximum(0.0, 2.0 - true[..., None] + x)
+        margins[:, np.arange(n), y] = 0.0
+        loss = margins.sum(-1).sum(-1) / k / n
+    elif loss_type == "perf":
+        loss = -(pred == y).mean(-1)
+    else:
+        raise ConfigError(f"unknown --loss_type {loss_type}: use ce, hinge or perf")
+    return loss, conf
+
+
+def metric_from_confusion(conf: np.ndarray, metric: str) -> float:
+    """Accuracy, or F1 of class 1 (MRPC's metric) from a [true, predicted] confusion matrix."""
+    total = conf.sum()
+    if total == 0:
+        return float("nan")
+    if metric == "f1":
+        tp, fp, fn = conf[1, 1], conf[0, 1], conf[1, 0]
+        return float(2 * tp / (2 * tp + fp + fn)) if tp else 0.0
+    return float(np.trace(conf) / total)

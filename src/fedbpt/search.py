@@ -1,0 +1,157 @@
+"""Client-side local search: a short CMA-ES run started from the global state, with input perturbation.
+
+Local objective (paper Eq. 7): F(z) = L(z; clean shard) / L(z; perturbed shard). A prompt that helps only by
+exploiting surface features of this client's few examples keeps a low loss on the perturbed copy too, so the
+ratio rewards prompts whose gain depends on the actual text.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedbpt.scorer import Encoded, loss_and_metrics
+
+EPS = 1e-12
+
+
+@dataclass
+class GlobalState:
+    """What a client needs to start its local search. ``cov`` is a full matrix, a diagonal vector, or None."""
+
+    round: int
+    mean: np.ndarray
+    sigma: float
+    cov: np.ndarray | None = None
+
+
+@dataclass
+class LocalResult:
+    mean: np.ndarray
+    fitness: float
+    sigmas: np.ndarray
+    popsize: int
+    evaluations: int
+
+
+def derive_seed(*parts: int) -> int:
+    """A positive 31-bit seed from (seed, site, round, ...): pycma treats seed 0 as 'seed from the clock'."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] % (2**31 - 2)) + 1
+
+
+def perturb(enc: Encoded, rate: float, vocab_ids: np.ndarray, rng: np.random.Generator) -> Encoded:
+    """Replace each ordinary text token, with probability ``rate``, by a uniform draw from ``vocab_ids``.
+
+    Special tokens, the mask and the prompt placeholders are never touched (``text_mask`` excludes them);
+    lengths are unchanged, so the mask position and labels stay valid.
+    """
+    new_ids = []
+    for x, m in zip(enc.ids, enc.text_mask):
+        hit = m & (rng.random(len(x)) < rate)
+        y = x.copy()
+        y[hit] = rng.choice(vocab_ids, size=int(hit.sum()))
+        new_ids.append(y)
+    return enc.with_ids(new_ids)
+
+
+def eq7_fitness(clean_loss: np.ndarray, perturbed_loss: np.ndarray) -> np.ndarray:
+    """Paper Eq. 7: clean loss over perturbed loss (lower is better). The divisor is floored at 1e-12."""
+    return np.asarray(clean_loss, dtype=np.float64) / np.maximum(np.asarray(perturbed_loss, dtype=np.float64), EPS)
+
+
+def concat(a: Encoded, b: Encoded) -> Encoded:
+    return Encoded(a.ids + b.ids, a.text_mask + b.text_mask, np.concatenate([a.mask_pos, b.mask_pos]),
+                   np.concatenate([a.labels, b.labels]))
+
+
+class LocalObjective:
+    """F for a generation of candidates; clean and perturbed shards are scored in the same forward passes."""
+
+    def __init__(
+        self,
+        logits_fn: Callable[[np.ndarray, Encoded], np.ndarray],
+        clean: Encoded,
+        loss_type: str,
+        perturbed: Encoded | None = None,
+    ) -> None:
+        self.logits_fn = logits_fn
+        self.loss_type = loss_type
+        self.n = len(clean)
+        self.perturbed = perturbed is not None
+        self.inputs = concat(clean, perturbed) if perturbed is not None else clean
+        self.evaluations = 0
+
+    def __call__(self, z: np.ndarray) -> np.ndarray:
+        z = np.atleast_2d(z)
+        self.evaluations += len(z)
+        logits = self.logits_fn(z, self.inputs)
+        clean, _ = loss_and_metrics(logits[:, : self.n], self.inputs.labels[: self.n], self.loss_type)
+        if not self.perturbed:
+            return clean
+        pert, _ = loss_and_metrics(logits[:, self.n :], self.inputs.labels[self.n :], self.loss_type)
+        return eq7_fitness(clean, pert)
+
+
+def set_covariance(es, cov: np.ndarray | None) -> None:
+    """Give a fresh pycma ES the global covariance (full matrix or diagonal); None keeps the identity."""
+    if cov is None:
+        return
+    c = np.diag(cov) if cov.ndim == 1 else cov
+    es.sm.C = np.array(c, dtype=np.float64)
+    es.sm.update_now(-1)  # recompute B and D from C, as pycma's own _set_C_from does
+    es._updateBDfromSM()
+
+
+def make_es(mean: np.ndarray, sigma: float, popsize: int, seed: int, bound: float, extra: dict | None = None):
+    import cma
+
+    opts = {"popsize": popsize, "seed": seed, "verbose": -9, "CMA_diagonal": False}
+    if bound > 0:
+        opts["bounds"] = [-bound, bound]
+    opts.update(extra or {})
+    return cma.CMAEvolutionStrategy(np.asarray(mean, dtype=np.float64), float(sigma), opts)
+
+
+def local_search(
+    state: GlobalState,
+    objective: Callable[[np.ndarray], np.ndarray],
+    popsize: int,
+    iterations: int,
+    seed: int,
+    bound: float = 0.0,
+    should_stop: Callable[[], bool] | None = None,
+) -> LocalResult:
+    """I iterations of CMA-ES from (m_t, sigma_t, C_t); returns the final mean, F(mean) and the I step sizes.
+
+    pycma draws from numpy's global generator, seeded here from ``seed`` (derived from seed, site and round):
+    each client samples its own candidates, and a rerun samples the same ones.
+    """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pycma's notes about flat fitness or small populations
+        es = make_es(state.mean, state.sigma, popsize, seed, bound)
+        set_covariance(es, state.cov)
+        sigmas = []
+        evaluations = 0
+        for _ in range(iterations):
+            if should_stop is not None and should_stop():
+                raise InterruptedError("local search aborted")
+            x = es.ask()
+            f = objective(np.asarray(x))
+            evaluations += len(x)
+            es.tell(x, [float(v) for v in f])
+            sigmas.append(es.sigma)
+        mean = np.asarray(es.result.xfavorite, dtype=np.float64)
+    fitness = float(objective(mean[None])[0])
+    return LocalResult(mean, fitness, np.asarray(sigmas, dtype=np.float64), popsize, evaluations + 1)
+
+
+def evaluate(logits_fn: Callable, z: np.ndarray, enc: Encoded, loss_type: str) -> dict:
+    """Loss and confusion matrix of one prompt on one encoded set (for dev, test and the global train fit)."""
+    logits = logits_fn(np.atleast_2d(z), enc)
+    loss, conf = loss_and_metrics(logits, enc.labels, loss_type)
+    return {"loss": float(loss[0]), "n": len(enc), "confusion": conf[0]}

@@ -1,0 +1,70 @@
+"""Task registry: hub ids, splits, text columns, templates and label words.
+
+A template is a format string over the example's text columns plus ``{mask}``. The prompt placeholders are
+not part of the template: the scorer inserts them right after the start token, so every task gets them in
+the same place (as in BBT and the FedBPT reference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message names the fix and is printed as one line."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    hub_path: str
+    hub_config: str | None
+    test_split: str
+    text_columns: tuple[str, ...]
+    template: str
+    label_words: tuple[str, ...]
+    metric: str = "acc"
+    drop_labels: tuple[int, ...] = field(default_factory=tuple)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_words)
+
+
+TASKS: dict[str, TaskSpec] = {
+    "sst2": TaskSpec(
+        "sst2", "nyu-mll/glue", "sst2", "validation", ("sentence",), ". {sentence} . It was {mask} .", ("bad", "great")
+    ),
+    "yelp_polarity": TaskSpec(
+        "yelp_polarity", "fancyzhx/yelp_polarity", None, "test", ("text",), ". {text} . It was {mask} .",
+        ("bad", "great"),
+    ),
+    "ag_news": TaskSpec(
+        "ag_news", "fancyzhx/ag_news", None, "test", ("text",), ". {mask} News: {text}",
+        ("World", "Sports", "Business", "Tech"),
+    ),
+    "dbpedia": TaskSpec(
+        "dbpedia", "fancyzhx/dbpedia_14", None, "test", ("content",), "[ Category: {mask} ] {content}",
+        ("Company", "Education", "Artist", "Sports", "Office", "Transportation", "Building", "Natural", "Village",
+         "Animal", "Plant", "Album", "Film", "Written"),
+    ),
+    "mrpc": TaskSpec(
+        "mrpc", "nyu-mll/glue", "mrpc", "validation", ("sentence1", "sentence2"), ". {sentence1} ? {mask} , {sentence2}",
+        ("No", "Yes"), metric="f1",
+    ),
+    "rte": TaskSpec(
+        "rte", "nyu-mll/glue", "rte", "validation", ("sentence1", "sentence2"), ". {sentence1} ? {mask} , {sentence2}",
+        ("Yes", "No"),
+    ),
+    "snli": TaskSpec(
+        "snli", "stanfordnlp/snli", None, "test", ("premise", "hypothesis"), ". {premise} ? {mask} , {hypothesis}",
+        ("Yes", "Maybe", "No"), drop_labels=(-1,),
+    ),
+}
+
+
+def get_task(name: str) -> TaskSpec:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ConfigError(f"unknown task '{name}': use --task_name with one of {', '.join(sorted(TASKS))}") from None

@@ -1,0 +1,96 @@
+"""What crosses the network: plain dicts of numpy arrays and numbers, validated on receipt.
+
+NVFlare 2.9's FOBS refuses unregistered classes on the receiving side, and a pickled CMA-ES object (what the
+reference example sends, 4,052,509 bytes at d=500) is neither small nor safe to unpickle. So the server sends
+mean, sigma and the covariance in a compact encoding, and the client sends back its local result.
+
+Covariance modes: ``full`` (float32 upper triangle, d(d+1)/2 values), ``diag`` (d values), ``none`` (mean and
+sigma only; the client starts from the identity).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedbpt.aggregation import ClientUpdate
+from fedbpt.search import GlobalState
+
+COV_MODES = ("full", "diag", "none")
+
+
+class PayloadError(ValueError):
+    """A client payload that must not reach aggregation."""
+
+
+def encode_state(state: GlobalState, cov_mode: str = "full") -> dict:
+    msg = {"round": int(state.round), "mean": np.asarray(state.mean, dtype=np.float64), "sigma": float(state.sigma)}
+    if cov_mode == "full" and state.cov is not None:
+        msg["cov_tri"] = state.cov[np.triu_indices(len(state.mean))].astype(np.float32)
+    elif cov_mode == "diag" and state.cov is not None:
+        msg["cov_diag"] = np.diag(state.cov).astype(np.float32)
+    return msg
+
+
+def decode_state(msg: dict) -> GlobalState:
+    mean = np.asarray(msg["mean"], dtype=np.float64)
+    d = len(mean)
+    cov = None
+    if "cov_tri" in msg:
+        cov = np.zeros((d, d), dtype=np.float64)
+        cov[np.triu_indices(d)] = msg["cov_tri"]
+        cov = cov + np.triu(cov, 1).T
+    elif "cov_diag" in msg:
+        cov = np.asarray(msg["cov_diag"], dtype=np.float64)
+    return GlobalState(int(msg["round"]), mean, float(msg["sigma"]), cov)
+
+
+def encode_update(mean: np.ndarray, fitness: float, sigmas: np.ndarray, popsize: int, n_train: int, **extra) -> dict:
+    msg = {
+        "mean": np.asarray(mean, dtype=np.float64),
+        "fitness": float(fitness),
+        "sigmas": np.asarray(sigmas, dtype=np.float64),
+        "popsize": int(popsize),
+        "n_train": int(n_train),
+    }
+    msg.update(extra)
+    return msg
+
+
+def _finite_number(msg: dict, key: str) -> float:
+    v = msg.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
+        raise PayloadError(f"'{key}' is not a finite number: {v!r}"[:200])
+    return float(v)
+
+
+def decode_update(site: str, msg: dict, d: int, local_iter: int) -> ClientUpdate:
+    """Validate a client's upload; raise PayloadError naming what is wrong."""
+    if not isinstance(msg, dict):
+        raise PayloadError(f"payload is {type(msg).__name__}, not a dict")
+    for key in ("mean", "fitness", "sigmas", "popsize"):
+        if key not in msg:
+            raise PayloadError(f"missing key '{key}'")
+    mean = msg["mean"]
+    if not isinstance(mean, np.ndarray) or mean.shape != (d,) or not np.issubdtype(mean.dtype, np.floating):
+        raise PayloadError(f"'mean' must be a float array of shape ({d},), got {getattr(mean, 'shape', type(mean))}")
+    if not np.all(np.isfinite(mean)):
+        raise PayloadError("'mean' has NaN or inf")
+    sigmas = msg["sigmas"]
+    if not isinstance(sigmas, np.ndarray) or sigmas.shape != (local_iter,):
+        raise PayloadError(f"'sigmas' must be an array of shape ({local_iter},)")
+    if not np.all(np.isfinite(sigmas)) or np.any(sigmas <= 0):
+        raise PayloadError("'sigmas' must be finite and positive")
+    fitness = _finite_number(msg, "fitness")
+    popsize = int(_finite_number(msg, "popsize"))
+    if popsize < 2:
+        raise PayloadError(f"'popsize' must be at least 2, got {popsize}")
+    n_train = int(_finite_number(msg, "n_train")) if "n_train" in msg else 1
+    return ClientUpdate(site, mean.astype(np.float64), fitness, sigmas.astype(np.float64), popsize, max(1, n_train))
+
+
+def payload_bytes(msg: dict) -> int:
+    """Exact bytes of the arrays and numbers in a payload (8 per scalar), excluding framing."""
+    total = 0
+    for v in msg.values():
+        total += v.nbytes if isinstance(v, np.ndarray) else payload_bytes(v) if isinstance(v, dict) else 8
+    return total
