@@ -1,8 +1,8 @@
 """Build the FedBPT NVFlare job; run it in the simulator, or export it for a real deployment.
 
-    python job.py --config configs/tiny.yaml                  # offline smoke run in the simulator
-    python job.py --model_name roberta-large --task_name sst2  # the paper's setting (GPU, hub access)
-    python job.py --export --export-dir ./jobs                 # job folder for `nvflare job submit`
+python job.py --config configs/tiny.yaml                  # offline smoke run in the simulator
+python job.py --model_name roberta-large --task_name sst2  # the paper's setting (GPU, hub access)
+python job.py --export --export-dir ./jobs                 # job folder for `nvflare job submit`
 """
 
 from __future__ import annotations
@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     stale = os.path.join(cfg["workspace"], SUMMARY_FILE)
     if os.path.exists(stale):
         os.remove(stale)  # never leave an old run's summary looking like this run's result
-    rc = job.simulator_run(cfg["workspace"], n_clients=cfg["num_clients"], threads=cfg["threads"], gpu=cfg["gpu"],
-                           log_config="concise")
+    rc = job.simulator_run(
+        cfg["workspace"], n_clients=cfg["num_clients"], threads=cfg["threads"], gpu=cfg["gpu"], log_config="concise"
+    )
     summary = collect_results(cfg["workspace"])
     if summary is None:
         print(f"error: the run wrote no summary; see the logs under {cfg['workspace']}", file=sys.stderr)

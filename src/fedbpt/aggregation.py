@@ -85,7 +85,11 @@ class ServerES:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.es = make_es(
-                np.zeros(d), sigma0, clients_per_round, seed, bound,
+                np.zeros(d),
+                sigma0,
+                clients_per_round,
+                seed,
+                bound,
                 {"CMA_mu": clients_per_round, "AdaptSigma": cma.sigma_adaptation.CMAAdaptSigmaCSA},
             )
         self.sent_sigma = float(sigma0)
@@ -95,8 +99,12 @@ class ServerES:
         return self.es.N
 
     def state(self, round_: int) -> GlobalState:
-        return GlobalState(round_, np.array(self.es.mean, dtype=np.float64), float(self.es.sigma),
-                           np.array(self.es.sm.C, dtype=np.float64))
+        return GlobalState(
+            round_,
+            np.array(self.es.mean, dtype=np.float64),
+            float(self.es.sigma),
+            np.array(self.es.sm.C, dtype=np.float64),
+        )
 
     def aggregate(self, updates: list[ClientUpdate]) -> AggregationInfo:
         """Tell the client means with their local fitnesses; set sigma by the chosen rule."""
@@ -118,8 +126,12 @@ class ServerES:
             dist = np.array([self.es.mahalanobis_norm(u.mean - self.es.mean) for u in updates])
             clipped = int(np.sum(dist > limit))
             if clipped:
-                log.info("%d of %d client means lie beyond Mahalanobis distance %.2f: pycma rescales them onto it",
-                         clipped, len(updates), limit)
+                log.info(
+                    "%d of %d client means lie beyond Mahalanobis distance %.2f: pycma rescales them onto it",
+                    clipped,
+                    len(updates),
+                    limit,
+                )
             x = [np.asarray(u.mean, dtype=np.float64) for u in updates]
             if len(x) < self.k:
                 # pycma needs mu = K points. A missing client is told as the current mean ranked last: it adds

@@ -57,26 +57,55 @@ class SiteRuntime:
         self.index = site_index(site, cfg["num_clients"])
         t0 = time.time()
         full_train = load_split(self.task, "train", cfg["data_dir"])
-        data = site_data(self.task, cfg["data_dir"], cfg["k_shot"], cfg["num_clients"], self.index, cfg["iid"],
-                         cfg["alpha_dir"], cfg["seed"], full_train=full_train)
+        data = site_data(
+            self.task,
+            cfg["data_dir"],
+            cfg["k_shot"],
+            cfg["num_clients"],
+            self.index,
+            cfg["iid"],
+            cfg["alpha_dir"],
+            cfg["seed"],
+            full_train=full_train,
+        )
         model_path = resolve_model_path(cfg, full_train.texts, cache_root)
         self.scorer = Scorer(
-            model_path, self.task, cfg["n_prompt_tokens"], cfg["intrinsic_dim"], cfg["cat_or_add"], cfg["seed"],
-            cfg["sigma"], pick_device(cfg["device"]), cfg["precision"], cfg["max_batch_tokens"],
+            model_path,
+            self.task,
+            cfg["n_prompt_tokens"],
+            cfg["intrinsic_dim"],
+            cfg["cat_or_add"],
+            cfg["seed"],
+            cfg["sigma"],
+            pick_device(cfg["device"]),
+            cfg["precision"],
+            cfg["max_batch_tokens"],
         )
         self.train = self.scorer.encode(data.train)
         self.dev = self.scorer.encode(data.dev)
         self.is_eval_client = site in cfg["eval_clients"].split(",")
-        self.test = self.scorer.encode(load_split(self.task, self.task.test_split, cfg["data_dir"])) \
-            if self.is_eval_client else None
-        log.info("%s: %d train, %d dev, %s test examples; model %s; ready in %.1fs", site, len(self.train),
-                 len(self.dev), len(self.test) if self.test is not None else "no", model_path, time.time() - t0)
+        self.test = (
+            self.scorer.encode(load_split(self.task, self.task.test_split, cfg["data_dir"]))
+            if self.is_eval_client
+            else None
+        )
+        log.info(
+            "%s: %d train, %d dev, %s test examples; model %s; ready in %.1fs",
+            site,
+            len(self.train),
+            len(self.dev),
+            len(self.test) if self.test is not None else "no",
+            model_path,
+            time.time() - t0,
+        )
 
     @classmethod
     def get(cls, cfg: dict, site: str, cache_root: str) -> SiteRuntime:
         key = (json.dumps(cfg, sort_keys=True), site)
         if key not in _RUNTIMES:
-            _RUNTIMES.clear()  # one site per process at a time: free the previous one
+            for old in _RUNTIMES.values():  # one site per process at a time: free the previous one
+                old.scorer.close()
+            _RUNTIMES.clear()
             _RUNTIMES[key] = cls(cfg, site, cache_root)
         return _RUNTIMES[key]
 
@@ -111,6 +140,12 @@ class SiteRuntime:
         seed = derive_seed(cfg["seed"], self.index, state.round)
         res = local_search(state, objective, cfg["local_popsize"], cfg["local_iter"], seed, cfg["bound"], should_stop)
         return encode_update(
-            res.mean, res.fitness, res.sigmas, res.popsize, len(self.train),
-            seconds_search=time.time() - t0 - t_eval, seconds_eval=t_eval, **metrics,
+            res.mean,
+            res.fitness,
+            res.sigmas,
+            res.popsize,
+            len(self.train),
+            seconds_search=time.time() - t0 - t_eval,
+            seconds_eval=t_eval,
+            **metrics,
         )

@@ -175,8 +175,16 @@ def validate(cfg: dict) -> dict:
     for key, allowed in CHOICES.items():
         if cfg[key] not in allowed:
             raise ConfigError(f"--{key} {cfg[key]} is not one of {', '.join(allowed)}")
-    positive = ("num_clients", "num_rounds", "intrinsic_dim", "n_prompt_tokens", "k_shot", "local_iter",
-                "eval_every", "max_batch_tokens")
+    positive = (
+        "num_clients",
+        "num_rounds",
+        "intrinsic_dim",
+        "n_prompt_tokens",
+        "k_shot",
+        "local_iter",
+        "eval_every",
+        "max_batch_tokens",
+    )
     for key in positive:
         if int(cfg[key]) < 1:
             raise ConfigError(f"--{key} must be at least 1, got {cfg[key]}")
@@ -207,8 +215,21 @@ def validate(cfg: dict) -> dict:
         cfg["data_dir"] = os.path.abspath(os.path.expanduser(cfg["data_dir"]))
         if not os.path.isdir(cfg["data_dir"]):
             raise ConfigError(f"--data_dir {cfg['data_dir']} is not a directory")
-    for key in ("num_clients", "num_rounds", "seed", "intrinsic_dim", "n_prompt_tokens", "k_shot", "batch_size",
-                "local_iter", "local_popsize", "eval_every", "max_batch_tokens", "round_timeout", "torch_threads"):
+    for key in (
+        "num_clients",
+        "num_rounds",
+        "seed",
+        "intrinsic_dim",
+        "n_prompt_tokens",
+        "k_shot",
+        "batch_size",
+        "local_iter",
+        "local_popsize",
+        "eval_every",
+        "max_batch_tokens",
+        "round_timeout",
+        "torch_threads",
+    ):
         cfg[key] = int(cfg[key])
     for key in ("sigma", "bound", "alpha_dir", "perturb_rate", "frac"):
         cfg[key] = float(cfg[key])

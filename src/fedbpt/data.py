@@ -73,7 +73,9 @@ def load_split(task: TaskSpec, split: str, data_dir: str | None = None) -> Examp
     keep = ~np.isin(labels, task.drop_labels) if task.drop_labels else np.ones(len(labels), dtype=bool)
     bad = labels[keep][(labels[keep] < 0) | (labels[keep] >= task.num_classes)]
     if bad.size:
-        raise ConfigError(f"{split} data has label {int(bad[0])} outside 0..{task.num_classes - 1} for task {task.name}")
+        raise ConfigError(
+            f"{split} data has label {int(bad[0])} outside 0..{task.num_classes - 1} for task {task.name}"
+        )
     examples = Examples(texts, labels)
     return examples if keep.all() else examples.subset(np.flatnonzero(keep))
 
@@ -109,7 +111,9 @@ def partition(
     """
     n = len(labels)
     if n < num_clients:
-        raise ConfigError(f"{n} examples cannot give {num_clients} clients one each: raise --k_shot or lower --num_clients")
+        raise ConfigError(
+            f"{n} examples cannot give {num_clients} clients one each: raise --k_shot or lower --num_clients"
+        )
     rng = np.random.default_rng(seed)
     if iid:
         return [np.sort(s) for s in np.array_split(rng.permutation(n), num_clients)]

@@ -175,6 +175,10 @@ class Scorer:
         self._prompt = None
         self._hook = (self.embeddings_module if cat_or_add == "add" else word_emb).register_forward_hook(self._inject)
 
+    def close(self) -> None:
+        """Detach the prompt hook from the (process-cached, shared) model."""
+        self._hook.remove()
+
     # ---- model plumbing -------------------------------------------------------------------------------
     def _parent_of(self, module):
         for m in self.model.modules():
@@ -202,6 +206,8 @@ class Scorer:
         if self._prompt is None:
             return output
         p = self._prompt.to(output.dtype)
+        if p.dim() == 2:
+            p = p.expand(output.shape[0], -1, -1)
         n = self.n_prompt
         if self.mode == "add":
             return self.torch.cat([output[:, :1], output[:, 1 : 1 + n] + p, output[:, 1 + n :]], dim=1)

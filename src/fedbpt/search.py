@@ -63,8 +63,12 @@ def eq7_fitness(clean_loss: np.ndarray, perturbed_loss: np.ndarray) -> np.ndarra
 
 
 def concat(a: Encoded, b: Encoded) -> Encoded:
-    return Encoded(a.ids + b.ids, a.text_mask + b.text_mask, np.concatenate([a.mask_pos, b.mask_pos]),
-                   np.concatenate([a.labels, b.labels]))
+    return Encoded(
+        a.ids + b.ids,
+        a.text_mask + b.text_mask,
+        np.concatenate([a.mask_pos, b.mask_pos]),
+        np.concatenate([a.labels, b.labels]),
+    )
 
 
 class LocalObjective:

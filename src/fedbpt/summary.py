@@ -99,18 +99,35 @@ class RunSummary:
 
         total = self.config["num_rounds"]
         head = f"round {row['round']}/{total}" if row["round"] < total else f"final ({total} rounds)"
-        parts = [head, f"train {self.metric} {f(row.get('train_acc'))} loss {f(row.get('train_loss'))}",
-                 f"dev {f(row.get('dev_acc'))}", f"test {f(row.get('test_acc'))}"]
+        parts = [
+            head,
+            f"train {self.metric} {f(row.get('train_acc'))} loss {f(row.get('train_loss'))}",
+            f"dev {f(row.get('dev_acc'))}",
+            f"test {f(row.get('test_acc'))}",
+        ]
         if "sigma" in row:
-            parts += [f"clients {len(row['clients'])}", f"fitness best {f(row['best_fitness'])} "
-                      f"median {f(row['median_fitness'])}", f"sigma {f(row['sigma'])}", f"{row['seconds']:.2f}s"]
+            parts += [
+                f"clients {len(row['clients'])}",
+                f"fitness best {f(row['best_fitness'])} median {f(row['median_fitness'])}",
+                f"sigma {f(row['sigma'])}",
+                f"{row['seconds']:.2f}s",
+            ]
         return " | ".join(parts)
 
     def to_dict(self) -> dict:
-        meta = {k: self.config[k] for k in ("model_name", "task_name", "seed", "intrinsic_dim", "n_prompt_tokens",
-                                            "cat_or_add", "sigma")}
-        out = {"status": self.status, "metric": self.metric, "config": self.config, "rounds": self.rounds,
-               "best": dict(self.best), "final": self.final, "prompt": meta}
+        meta = {
+            k: self.config[k]
+            for k in ("model_name", "task_name", "seed", "intrinsic_dim", "n_prompt_tokens", "cat_or_add", "sigma")
+        }
+        out = {
+            "status": self.status,
+            "metric": self.metric,
+            "config": self.config,
+            "rounds": self.rounds,
+            "best": dict(self.best),
+            "final": self.final,
+            "prompt": meta,
+        }
         if self.reason:
             out["reason"] = self.reason
         if self.best_z is not None:

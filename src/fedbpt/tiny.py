@@ -51,8 +51,9 @@ def build_tiny_model(
     bpe = ByteLevelBPETokenizer()
     # Repeating every label word guarantees it becomes a single token (" word"), as the scorer requires.
     boost = [" ".join([" " + w] * 50) for w in label_words] * 50
-    bpe.train_from_iterator(list(texts) + boost, vocab_size=vocab_size, min_frequency=2, show_progress=False,
-                            special_tokens=SPECIAL_TOKENS)
+    bpe.train_from_iterator(
+        list(texts) + boost, vocab_size=vocab_size, min_frequency=2, show_progress=False, special_tokens=SPECIAL_TOKENS
+    )
     model_json = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model_json["merges"]]
     tokenizer = RobertaTokenizerFast(

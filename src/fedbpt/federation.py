@@ -1,0 +1,116 @@
+"""The server's round logic, free of NVFlare: who takes part, what they get, what their answers change.
+
+The NVFlare controller moves these messages over the network; :func:`run_in_process` moves them by function
+call, which is what fast tests and benchmarks use. Both drive the same :class:`Federation`, so they cannot
+drift apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from fedbpt.aggregation import ServerES
+from fedbpt.config import clients_per_round
+from fedbpt.summary import RunSummary
+from fedbpt.tasks import get_task
+from fedbpt.wire import PayloadError, decode_update, encode_state
+
+log = logging.getLogger(__name__)
+
+
+class TooFewClients(RuntimeError):
+    """Fewer usable updates than --min_clients: the run stops (the summary says why)."""
+
+
+class Federation:
+    def __init__(self, cfg: dict, sites: list[str]) -> None:
+        self.cfg = cfg
+        self.sites = sorted(sites)
+        self.k = min(clients_per_round(cfg), len(self.sites))
+        self.server = ServerES(
+            cfg["intrinsic_dim"], cfg["sigma"], self.k, cfg["seed"], cfg["bound"], cfg["server_sigma"]
+        )
+        self.summary = RunSummary(cfg, get_task(cfg["task_name"]).metric)
+        self._rng = np.random.default_rng([cfg["seed"], 7])  # client sampling, separate from every other stream
+        self._t0 = 0.0
+        self._state = None
+
+    def start_round(self, rnd: int) -> tuple[list[str], dict]:
+        """The sampled sites and the message every one of them gets."""
+        self._t0 = time.time()
+        targets = sorted(self._rng.choice(self.sites, size=self.k, replace=False).tolist())
+        self._state = self.server.state(rnd)
+        evaluate = rnd % self.cfg["eval_every"] == 0
+        return targets, {"state": encode_state(self._state, self.cfg["cov_mode"]), "evaluate": int(evaluate)}
+
+    def finish_round(
+        self, rnd: int, targets: list[str], results: dict, bytes_down: int = 0, bytes_up: dict | None = None
+    ) -> dict:
+        """Validate the uploads, aggregate, record the round. ``results``: site -> payload dict."""
+        cfg = self.cfg
+        updates, evals = [], {}
+        for site, payload in sorted(results.items()):
+            try:
+                updates.append(decode_update(site, payload, cfg["intrinsic_dim"], cfg["local_iter"]))
+            except PayloadError as exc:
+                log.error("round %d: rejected the update of %s: %s", rnd, site, exc)
+                continue
+            evals[site] = payload
+        missing = sorted(set(targets) - {u.site for u in updates})
+        if missing:
+            log.warning("round %d: no usable update from %s", rnd, ", ".join(missing))
+        if len(updates) < cfg["min_clients"]:
+            reason = (
+                f"round {rnd}: {len(updates)} usable updates, fewer than --min_clients {cfg['min_clients']} "
+                f"(missing: {', '.join(missing)})"
+            )
+            self.summary.fail(reason)
+            raise TooFewClients(reason)
+        info = self.server.aggregate(updates)
+        fits = np.array([u.fitness for u in updates])
+        up = [bytes_up[u.site] for u in updates] if bytes_up else []
+        return self.summary.add_round(
+            rnd,
+            self._state.mean,
+            evals,
+            [u.site for u in updates],
+            missing=missing,
+            sigma=info.sigma_sent,
+            sigma_before_tell=info.sigma_before_tell,
+            best_fitness=float(fits.min()),
+            median_fitness=float(np.median(fits)),
+            clipped=info.clipped,
+            seconds=time.time() - self._t0,
+            bytes_down=int(bytes_down),
+            bytes_up=int(np.mean(up)) if up else 0,
+        )
+
+    def final_message(self) -> dict:
+        self._state = self.server.state(self.cfg["num_rounds"])
+        return {"state": encode_state(self._state, "none")}
+
+    def finish(self, results: dict) -> dict:
+        return self.summary.add_final(self.cfg["num_rounds"], self._state.mean, results)
+
+
+def run_in_process(
+    cfg: dict, site_runtime: Callable[[str], object], progress: Callable[[str], None] | None = None
+) -> RunSummary:
+    """Run the whole federation in this process: ``site_runtime(site)`` returns that site's SiteRuntime."""
+    sites = [f"site-{i}" for i in range(1, cfg["num_clients"] + 1)]
+    fed = Federation(cfg, sites)
+    for rnd in range(cfg["num_rounds"]):
+        targets, msg = fed.start_round(rnd)
+        results = {s: site_runtime(s).run_round(msg["state"], bool(msg["evaluate"])) for s in targets}
+        row = fed.finish_round(rnd, targets, results)
+        if progress:
+            progress(fed.summary.progress_line(row))
+    msg = fed.final_message()
+    row = fed.finish({s: site_runtime(s).evaluate(msg["state"]["mean"], with_dev=True) for s in sites})
+    if progress:
+        progress(fed.summary.progress_line(row))
+    return fed.summary
