@@ -149,3 +149,21 @@ class SiteRuntime:
             seconds_eval=t_eval,
             **metrics,
         )
+
+
+class RuntimePool:
+    """All sites' runtimes in one process (in-process runs and benchmarks); they share the cached model."""
+
+    def __init__(self, cfg: dict, cache_root: str) -> None:
+        self.cfg, self.cache_root = cfg, cache_root
+        self.runtimes: dict[str, SiteRuntime] = {}
+
+    def __call__(self, site: str) -> SiteRuntime:
+        if site not in self.runtimes:
+            self.runtimes[site] = SiteRuntime(self.cfg, site, self.cache_root)
+        return self.runtimes[site]
+
+    def close(self) -> None:
+        for runtime in self.runtimes.values():
+            runtime.scorer.close()
+        self.runtimes.clear()
