@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 import numpy as np
 
@@ -30,6 +32,19 @@ class Examples:
     def subset(self, idx: np.ndarray | list[int]) -> Examples:
         idx = np.asarray(idx, dtype=np.int64)
         return Examples([self.texts[i] for i in idx], self.labels[idx])
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached, or None. A DNS lookup only, so an offline machine fails in
+    milliseconds instead of after the hub client's retries. HF_HUB_OFFLINE=1 skips it (cached files are used)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return None
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as exc:
+        return f"{host} does not resolve ({exc.strerror or exc})"
+    return None
 
 
 def _find_local_file(data_dir: str, split: str) -> str:
@@ -54,6 +69,12 @@ def load_split(task: TaskSpec, split: str, data_dir: str | None = None) -> Examp
         fmt = LOCAL_FORMATS[os.path.splitext(path)[1]]
         ds = datasets.load_dataset(fmt, data_files={split: path}, split=split)
     else:
+        why = hub_unreachable()
+        if why:
+            raise ConfigError(
+                f"cannot load {task.hub_path} ({split}) from the Hugging Face hub: {why}; "
+                f"pass --data_dir DIR with local {split}.jsonl/.csv/.parquet files in the hub schema"
+            )
         try:
             ds = datasets.load_dataset(task.hub_path, task.hub_config, split=split)
         except Exception as exc:  # offline, DNS failure, missing repo: all mean the same to the user

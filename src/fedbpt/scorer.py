@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedbpt.data import Examples
+from fedbpt.data import Examples, hub_unreachable
 from fedbpt.tasks import ConfigError, TaskSpec
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,12 @@ def load_model(model_path: str, device: str) -> tuple:
         is_local = os.path.isdir(model_path)
         if not is_local and (os.path.sep in model_path or model_path.startswith(".")):
             raise ConfigError(f"model directory {model_path} does not exist: fix --model_name or build the model first")
+        why = None if is_local else hub_unreachable()
+        if why:
+            raise ConfigError(
+                f"cannot load model '{model_path}' from the Hugging Face hub: {why}; pass --model_name with a "
+                f"local model directory, or --model_name tiny-random for an offline smoke run"
+            )
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_path)
             model = AutoModelForMaskedLM.from_pretrained(model_path, attn_implementation="sdpa")

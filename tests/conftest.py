@@ -1,0 +1,65 @@
+"""Shared fixtures: a deterministic toy SST-2-schema dataset and a tiny random model built from it.
+
+Nothing here needs the network or ../shared; tests that use the real data copies skip when they are absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+
+POSITIVE = ["great", "lovely", "moving", "funny", "smart", "warm", "bright", "tender"]
+NEGATIVE = ["bad", "dull", "boring", "flat", "tired", "messy", "cold", "weak"]
+NOUNS = ["film", "movie", "story", "cast", "script", "plot", "ending", "score", "director", "scene"]
+FILLER = ["the", "a", "this", "that", "really", "quite", "very", "and", "but", "with", "its", "so"]
+
+
+def toy_sentences(n: int, seed: int) -> tuple[list[str], list[int]]:
+    """Short sentences whose label is the polarity of their adjective; deterministic in (n, seed)."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for _ in range(n):
+        label = int(rng.integers(2))
+        adjective = rng.choice(POSITIVE if label else NEGATIVE)
+        words = list(rng.choice(FILLER, size=int(rng.integers(2, 6)))) + [rng.choice(NOUNS), "is", adjective]
+        if rng.random() < 0.5:
+            words += list(rng.choice(FILLER, size=int(rng.integers(1, 4)))) + [rng.choice(NOUNS)]
+        texts.append(" ".join(words))
+        labels.append(label)
+    return texts, labels
+
+
+def write_jsonl(path: str, texts: list[str], labels: list[int], column: str = "sentence") -> None:
+    with open(path, "w") as f:
+        for i, (t, y) in enumerate(zip(texts, labels)):
+            f.write(json.dumps({"idx": i, column: t, "label": y}) + "\n")
+
+
+@pytest.fixture(scope="session")
+def toy_data_dir(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("toy_sst2")
+    write_jsonl(str(d / "train.jsonl"), *toy_sentences(400, seed=1))
+    write_jsonl(str(d / "validation.jsonl"), *toy_sentences(60, seed=2))
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, toy_data_dir) -> str:
+    from fedbpt.tiny import build_tiny_model
+
+    texts, _ = toy_sentences(400, seed=1)
+    return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny"), texts, ["bad", "great"], seed=7)
+
+
+@pytest.fixture(scope="session")
+def shared_sst2() -> str:
+    path = os.path.join(SHARED_DATA, "sst2")
+    if not os.path.isfile(os.path.join(path, "train.jsonl")):
+        pytest.skip(f"real SST-2 copy not found at {path} (../shared/data beside the repo)")
+    return path

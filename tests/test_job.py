@@ -1,0 +1,157 @@
+"""End to end: job.py in the NVFlare simulator, its summary, and the exported job folder."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fedbpt.client import RuntimePool
+from fedbpt.config import resolve
+from fedbpt.federation import run_in_process
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = [
+    "--model_name",
+    "tiny-random",
+    "--k_shot",
+    "8",
+    "--n_prompt_tokens",
+    "6",
+    "--intrinsic_dim",
+    "20",
+    "--local_iter",
+    "3",
+]
+
+pytestmark = pytest.mark.slow
+
+
+def simulate(tmp_path, data_dir, *args):
+    ws = tmp_path / "ws"
+    cmd = [sys.executable, os.path.join(REPO, "job.py"), "--data_dir", data_dir, "--workspace", str(ws), *SMALL, *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    with open(ws / "fedbpt_summary.json") as f:
+        return json.load(f), ws, out.stdout + out.stderr
+
+
+@pytest.fixture(scope="module")
+def three_clients(tmp_path_factory, toy_data_dir):
+    return simulate(tmp_path_factory.mktemp("sim3"), toy_data_dir, "--num_clients", "3", "--num_rounds", "3")
+
+
+def test_simulator_run_writes_a_complete_summary(three_clients):
+    summary, ws, log = three_clients
+    assert summary["status"] == "completed"
+    rounds = summary["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    for r in rounds:
+        assert sorted(r["clients"]) == ["site-1", "site-2", "site-3"]
+        for key in ("dev_acc", "test_acc", "train_acc"):
+            assert 0.0 <= r[key] <= 1.0
+        assert r["sigma"] > 0 and np.isfinite(r["best_fitness"]) and r["seconds"] > 0
+        assert r["best_fitness"] <= r["median_fitness"]
+        assert r["bytes_down"] > 20 * 21 // 2 * 4 and r["bytes_up"] > 20 * 8
+        assert f"round {r['round']}/3" in log  # one progress line per round
+    final = summary["final"]
+    assert final["round"] == 3 and 0.0 <= final["dev_acc"] <= 1.0
+    # best is chosen by dev accuracy among the evaluated prompts (rounds 0..2 and the final one)
+    devs = {r["round"]: r["dev_acc"] for r in rounds} | {3: final["dev_acc"]}
+    best = summary["best"]
+    assert best["dev_acc"] == max(devs.values()) and devs[best["round"]] == best["dev_acc"]
+    assert best["round"] == min(k for k, v in devs.items() if v == best["dev_acc"])
+    z_best, z_final = np.load(ws / best["z"]), np.load(ws / final["z"])
+    assert z_best.shape == z_final.shape == (20,)
+    if best["round"] == 0:
+        assert not z_best.any()  # round 0 is the zero prompt
+    assert summary["prompt"] == {
+        "model_name": "tiny-random",
+        "task_name": "sst2",
+        "seed": 1234,
+        "intrinsic_dim": 20,
+        "n_prompt_tokens": 6,
+        "cat_or_add": "add",
+        "sigma": 1.0,
+    }
+    assert (ws / "server" / "simulate_job" / "tb_events").is_dir()  # TensorBoard scalars through NVFlare analytics
+
+
+def test_the_simulator_and_the_in_process_runner_agree(three_clients, toy_data_dir, tmp_path):
+    """The NVFlare classes are glue only: the same config gives the same prompt without NVFlare."""
+    summary, ws, _ = three_clients
+    cfg = resolve(
+        [
+            "--data_dir",
+            toy_data_dir,
+            *SMALL,
+            "--num_clients",
+            "3",
+            "--num_rounds",
+            "3",
+            "--model_cache_dir",
+            str(ws / "models"),
+            "--torch_threads",
+            "1",
+        ]
+    )
+    pool = RuntimePool(cfg, str(tmp_path))
+    try:
+        local = run_in_process(cfg, pool)
+    finally:
+        pool.close()
+    np.testing.assert_array_equal(local.final_z, np.load(ws / summary["final"]["z"]))
+    assert [r["train_acc"] for r in local.rounds] == [r["train_acc"] for r in summary["rounds"]]
+
+
+def test_fewer_threads_than_clients_gives_the_same_run(tmp_path, toy_data_dir):
+    """With --threads 1 every task runs in a fresh process: nothing may depend on executor state."""
+    args = ["--num_clients", "2", "--num_rounds", "2"]
+    one, ws1, _ = simulate(tmp_path / "t1", toy_data_dir, *args, "--threads", "1")
+    two, ws2, _ = simulate(tmp_path / "t2", toy_data_dir, *args, "--threads", "2")
+    assert one["status"] == two["status"] == "completed"
+    np.testing.assert_array_equal(np.load(ws1 / "prompt_final.npy"), np.load(ws2 / "prompt_final.npy"))
+    assert [r["dev_acc"] for r in one["rounds"]] == [r["dev_acc"] for r in two["rounds"]]
+
+
+def test_export_writes_a_job_folder_whose_custom_code_imports(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "job.py"),
+            "--export",
+            "--export-dir",
+            str(tmp_path),
+            "--job_name",
+            "fedbpt_x",
+            *SMALL,
+            "--num_clients",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    job = tmp_path / "fedbpt_x"
+    meta = json.loads((job / "meta.json").read_text())
+    assert meta["name"] == "fedbpt_x" and meta["min_clients"] == 2
+    server = json.loads((job / "app" / "config" / "config_fed_server.json").read_text())
+    client = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())
+    assert server["workflows"][0]["path"] == "fedbpt.controller.FedBPTController"
+    assert server["workflows"][0]["args"]["config"]["intrinsic_dim"] == 20
+    assert client["executors"][0]["executor"]["path"] == "fedbpt.executor.FedBPTExecutor"
+    text = json.dumps([server, client])
+    assert str(REPO) not in text and "/tmp/" not in text  # nothing from the exporting machine
+    custom = job / "app" / "custom"
+    probe = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import fedbpt.controller, fedbpt.executor; "
+        "assert fedbpt.controller.__file__.startswith(sys.argv[1])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run(
+        [sys.executable, "-c", probe, str(custom)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120
+    )
+    assert res.returncode == 0, res.stderr[-3000:]

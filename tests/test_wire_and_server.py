@@ -1,0 +1,149 @@
+"""Wire payloads (plain arrays and numbers, compact covariance) and the server's aggregation."""
+
+import numpy as np
+import pytest
+
+from fedbpt.aggregation import ClientUpdate, ServerES, paper_sigma, reference_sigma
+from fedbpt.search import GlobalState
+from fedbpt.wire import PayloadError, decode_state, decode_update, encode_state, encode_update
+
+D = 12
+
+
+def _plain(value) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return isinstance(value, (np.ndarray, int, float)) and not isinstance(value, bool)
+
+
+def _state():
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(D, D))
+    return GlobalState(4, rng.normal(size=D), 0.8, m @ m.T / D + np.eye(D))
+
+
+@pytest.mark.parametrize("mode", ["full", "diag", "none"])
+def test_state_payload_holds_only_arrays_and_numbers_and_round_trips(mode):
+    s = _state()
+    msg = encode_state(s, mode)
+    assert _plain(msg)
+    back = decode_state(msg)
+    assert back.round == 4 and back.sigma == 0.8 and np.array_equal(back.mean, s.mean)
+    if mode == "full":
+        np.testing.assert_allclose(back.cov, s.cov, rtol=1e-6)  # float32 triangle
+        assert msg["cov_tri"].nbytes == D * (D + 1) // 2 * 4
+    elif mode == "diag":
+        np.testing.assert_allclose(back.cov, np.diag(s.cov), rtol=1e-6)
+    else:
+        assert back.cov is None
+
+
+def test_full_covariance_payload_at_d500_is_half_a_megabyte_not_four():
+    msg = encode_state(GlobalState(0, np.zeros(500), 1.0, np.eye(500)), "full")
+    size = sum(v.nbytes if isinstance(v, np.ndarray) else 8 for v in msg.values())
+    assert size < 510_000  # vs 4,052,509 bytes for the reference's pickled CMA-ES object
+
+
+def test_payloads_survive_nvflare_serialisation():
+    from nvflare.apis.dxo import DXO, DataKind, from_shareable
+    from nvflare.app_common.decomposers import numpy_decomposers
+    from nvflare.fuel.utils import fobs
+
+    numpy_decomposers.register()  # the NVFlare runtime does this at start-up
+
+    up = encode_update(np.ones(D), 0.5, np.full(8, 0.9), 5, 7, train_confusion=np.eye(2, dtype=np.int64))
+    assert _plain(up)
+    for msg in ({"state": encode_state(_state(), "full"), "evaluate": 1}, up):
+        blob = fobs.dumps(DXO(data_kind=DataKind.COLLECTION, data=msg).to_shareable())
+        back = from_shareable(fobs.loads(blob)).data
+        assert back.keys() == msg.keys()
+
+
+def _update(**overrides):
+    msg = encode_update(np.zeros(D), 0.5, np.full(8, 0.9), 5, 10)
+    msg.update(overrides)
+    return msg
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"mean": np.zeros(D + 1)},
+        {"mean": np.zeros(50 * D)},
+        {"mean": np.full(D, np.nan)},
+        {"mean": np.full(D, np.inf)},
+        {"mean": [0.0] * D},
+        {"fitness": float("nan")},
+        {"fitness": "0.1"},
+        {"sigmas": np.full(3, 0.9)},
+        {"sigmas": np.full(8, -1.0)},
+        {"popsize": 1},
+    ],
+)
+def test_broken_updates_are_rejected(bad):
+    with pytest.raises(PayloadError):
+        decode_update("site-1", _update(**bad), D, 8)
+
+
+def test_missing_keys_are_rejected():
+    msg = _update()
+    del msg["fitness"]
+    with pytest.raises(PayloadError, match="fitness"):
+        decode_update("site-1", msg, D, 8)
+
+
+def _updates(k, rng, scale=0.3):
+    return [
+        ClientUpdate(f"site-{i + 1}", rng.normal(size=D) * scale, float(rng.random()), rng.uniform(0.5, 1.0, 8), 5)
+        for i in range(k)
+    ]
+
+
+def test_server_uses_csa_and_tells_the_client_means():
+    import cma
+
+    server = ServerES(D, 1.0, 4, seed=1, sigma_rule="paper")
+    assert isinstance(server.es.adapt_sigma, cma.sigma_adaptation.CMAAdaptSigmaCSA)
+    ups = _updates(4, np.random.default_rng(2))
+    info = server.aggregate(ups)
+    assert info.sigma_before_tell == pytest.approx(
+        paper_sigma([u.fitness for u in ups], [u.sigmas for u in ups], [5] * 4)
+    )
+    mean = server.state(1).mean
+    # the new mean is a convex combination (positive weights, mu = K) of the told client means
+    coef, *_ = np.linalg.lstsq(np.stack([u.mean for u in ups]).T, mean, rcond=None)
+    assert np.allclose(np.stack([u.mean for u in ups]).T @ coef, mean, atol=1e-8)
+    assert np.all(coef > 0) and coef.sum() == pytest.approx(1.0)
+    # the best client gets the largest weight
+    assert int(np.argmax(coef)) == int(np.argmin([u.fitness for u in ups]))
+
+
+def test_reference_rule_never_lets_the_step_grow():
+    server = ServerES(D, 1.0, 4, seed=1, sigma_rule="reference")
+    rng = np.random.default_rng(3)
+    sent = [1.0]
+    for _ in range(6):
+        ups = _updates(4, rng, scale=2.0)
+        info = server.aggregate(ups)
+        assert info.sigma_before_tell == pytest.approx(reference_sigma([u.sigmas for u in ups], 2))
+        sent.append(info.sigma_sent)
+    assert all(b <= a for a, b in zip(sent, sent[1:]))
+    assert min(sent) >= 0.5
+
+
+def test_aggregation_is_deterministic_in_the_seed():
+    a, b = ServerES(D, 1.0, 3, seed=9), ServerES(D, 1.0, 3, seed=9)
+    for rnd in range(3):
+        ups = _updates(3, np.random.default_rng(rnd))
+        a.aggregate(ups)
+        b.aggregate(ups)
+    assert np.array_equal(a.state(3).mean, b.state(3).mean) and a.state(3).sigma == b.state(3).sigma
+
+
+def test_a_missing_client_moves_the_mean_less_but_the_round_goes_on():
+    full, partial = ServerES(D, 1.0, 4, seed=1), ServerES(D, 1.0, 4, seed=1)
+    ups = _updates(4, np.random.default_rng(5))
+    ups[0].fitness = 0.0  # make the kept client the best
+    full.aggregate(ups)
+    partial.aggregate(ups[:1])
+    assert 0 < np.linalg.norm(partial.state(1).mean) < np.linalg.norm(full.state(1).mean) + np.linalg.norm(ups[0].mean)
