@@ -174,6 +174,14 @@ def test_checkpoint_with_non_finite_state_is_refused(tmp_path):
         checkpoint.load(path)
 
 
+def test_checkpoint_with_an_incomplete_header_is_refused(tmp_path):
+    path = str(tmp_path / CHECKPOINT_FILE)
+    header = json.dumps({"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "round": 2}).encode()
+    np.savez(path, header=np.frombuffer(header, dtype=np.uint8), **{"es.mean": np.zeros(D)})
+    with pytest.raises(CheckpointError, match=r"corrupted \(header lacks config, clients_per_round"):
+        checkpoint.load(path)
+
+
 def test_foreign_npz_is_refused(tmp_path):
     path = str(tmp_path / "other.npz")
     np.savez(path, weights=np.ones(3))

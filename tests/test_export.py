@@ -107,3 +107,10 @@ def test_export_refuses_a_checkpoint_of_another_run(tmp_path, capsys):
     assert job.main([*BASE, "--export", "--export-dir", out, "--resume", path]) == 2
     assert "--intrinsic_dim 9 there, 8 here" in capsys.readouterr().err
     assert not os.path.exists(out)
+
+
+def test_deployed_sites_may_have_any_names(tmp_path, capsys):
+    """Simulator sites are site-1..N; a real project names its sites (eval clients included) as it likes."""
+    export(tmp_path, "--eval_clients", "hospital-a")
+    assert job.main([*BASE, "--eval_clients", "hospital-a"]) == 2
+    assert "--eval_clients hospital-a is not a site: sites are site-1..site-2" in capsys.readouterr().err

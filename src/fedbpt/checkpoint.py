@@ -280,6 +280,22 @@ def load(path: str) -> Checkpoint:
             f"checkpoint {path} has format version {header.get('version')}, this code reads {VERSION}: "
             f"resume with the code version that wrote it"
         )
+    try:
+        problems = _problems(header, arrays)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        problems = [f"incomplete header ({type(exc).__name__}: {exc})"]
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is corrupted ({'; '.join(problems[:3])}): resume from another one")
+    return Checkpoint(path, header, arrays)
+
+
+_HEADER_KEYS = ("round", "config", "clients_per_round", "sites", "cma_version", "es", "sent_sigma", "sampler_rng")
+
+
+def _problems(header: dict, arrays: dict) -> list[str]:
+    missing = [k for k in _HEADER_KEYS + ("np_global", "summary") if k not in header]
+    if missing:
+        return [f"header lacks {', '.join(missing)}"]
     d = int(header["config"]["intrinsic_dim"])
     problems = []
     for key in ("es.mean", "es.pc", "es.adapt_sigma.ps", "es.sm.D"):
@@ -291,12 +307,10 @@ def load(path: str) -> Checkpoint:
     for key, a in arrays.items():
         if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
             problems.append(f"{key} has NaN or inf")
-    sigma = header.get("es", {}).get("scalars", {}).get("sigma")
+    sigma = header["es"]["scalars"].get("sigma")
     if not isinstance(sigma, float) or not np.isfinite(sigma) or sigma <= 0:
         problems.append(f"sigma {sigma!r} is not a positive number")
-    if problems:
-        raise CheckpointError(f"checkpoint {path} is corrupted ({'; '.join(problems[:3])}): resume from another one")
-    return Checkpoint(path, header, arrays)
+    return problems
 
 
 def check_compatible(ckpt: Checkpoint, cfg: dict, clients_per_round: int | None = None) -> None:
@@ -326,10 +340,22 @@ def check_compatible(ckpt: Checkpoint, cfg: dict, clients_per_round: int | None 
 def restore(fed, ckpt: Checkpoint) -> int:
     """Put the checkpoint's state into a freshly built Federation; return the first round to run."""
     check_compatible(ckpt, fed.cfg, fed.k)
+    import cma
+
     h, a = ckpt.header, ckpt.arrays
     if sorted(h["sites"]) != list(fed.sites):
         log.warning("resuming with sites %s; the checkpoint had %s", fed.sites, h["sites"])
-    _set_es_state(fed.server.es, a, h["es"])
+    if h["cma_version"] != cma.__version__:
+        log.warning(
+            "checkpoint written with cma %s, running cma %s: continuation may differ", h["cma_version"], cma.__version__
+        )
+    try:
+        _set_es_state(fed.server.es, a, h["es"])
+    except (AttributeError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} does not fit this pycma (written with cma {h['cma_version']}, running "
+            f"{cma.__version__}: {exc}): resume with the cma version that wrote it"
+        ) from None
     fed.server.sent_sigma = float(h["sent_sigma"])
     _set_generator_state(fed._rng, h["sampler_rng"])
     g = h["np_global"]
