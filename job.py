@@ -21,17 +21,30 @@ def build_job(cfg: dict):
     from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
     from nvflare.job_config.api import FedJob
 
+    from fedbpt.checkpoint import attach_to_job
     from fedbpt.config import run_config
     from fedbpt.controller import FedBPTController
-    from fedbpt.executor import TASK_EVAL, TASK_ROUND, FedBPTExecutor
+    from fedbpt.executor import TASK_EVAL, TASK_ROUND, TASK_SETUP, FedBPTExecutor
 
     run_cfg = run_config(cfg)
     job = FedJob(name=cfg["job_name"], min_clients=cfg["min_clients"])
+    attach_to_job(job, cfg, run_cfg)
     job.to_server(FedBPTController(config=run_cfg), id="fedbpt_controller")
     job.to_server(TBAnalyticsReceiver(events=["analytix_log_stats"]), id="tb_receiver")
     job.to_server({"server": {"task_request_interval": SIMULATOR_POLL_SECONDS}})
-    job.to_clients(FedBPTExecutor(config=run_cfg), tasks=[TASK_ROUND, TASK_EVAL])
+    job.to_clients(FedBPTExecutor(config=run_cfg), tasks=[TASK_SETUP, TASK_ROUND, TASK_EVAL])
     return job
+
+
+def check_deployment_inputs(cfg: dict) -> None:
+    """Checks that hold for the simulator and for an exported job: the checkpoint to resume, the fault plan."""
+    from fedbpt.checkpoint import check_compatible, load
+    from fedbpt.config import clients_per_round
+    from fedbpt.fault import ENV, parse
+
+    if cfg["resume"]:
+        check_compatible(load(cfg["resume"]), cfg, min(clients_per_round(cfg), cfg["num_clients"]))
+    parse(os.environ.get(ENV, ""))
 
 
 def preflight(cfg: dict) -> None:
@@ -41,6 +54,7 @@ def preflight(cfg: dict) -> None:
     from fedbpt.tasks import ConfigError, get_task
     from fedbpt.tiny import TINY_NAME
 
+    check_deployment_inputs(cfg)
     task = get_task(cfg["task_name"])
     train = load_split(task, "train", cfg["data_dir"])
     tr, dv = k_shot_indices(train.labels, cfg["k_shot"], task.num_classes, cfg["seed"])
@@ -75,14 +89,15 @@ def preflight(cfg: dict) -> None:
 
 
 def collect_results(workspace: str) -> str | None:
-    """Copy the server's summary and prompts to the workspace root; return the summary path."""
+    """Copy the server's summary, prompts and checkpoint to the workspace root; return the summary path."""
+    from fedbpt.checkpoint import CHECKPOINT_FILE
     from fedbpt.summary import SUMMARY_FILE
 
     found = sorted(glob.glob(os.path.join(workspace, "server", "*", SUMMARY_FILE)), key=os.path.getmtime)
     if not found:
         return None
     run_dir = os.path.dirname(found[-1])
-    for name in (SUMMARY_FILE, "prompt_best.npy", "prompt_final.npy"):
+    for name in (SUMMARY_FILE, "prompt_best.npy", "prompt_final.npy", CHECKPOINT_FILE):
         if os.path.isfile(os.path.join(run_dir, name)):
             shutil.copy(os.path.join(run_dir, name), os.path.join(workspace, name))
     return os.path.join(workspace, SUMMARY_FILE)
@@ -96,9 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve(argv)
         if cfg["export"]:
+            check_deployment_inputs(cfg)
             job = build_job(cfg)
             job.export_job(cfg["export_dir"])
             print(f"exported job to {os.path.join(os.path.abspath(cfg['export_dir']), cfg['job_name'])}")
+            if not cfg["round_timeout"]:
+                print("note: --round_timeout 0: a site that hangs stalls its round; set it for deployments")
             return 0
         cfg["workspace"] = os.path.abspath(cfg["workspace"])
         if not cfg["torch_threads"]:
@@ -123,8 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     with open(summary) as f:
-        status = json.load(f)["status"]
+        record = json.load(f)
+    status = record["status"]
     print(f"summary: {summary} ({status})")
+    if status != "completed":
+        from fedbpt.checkpoint import resume_hint
+
+        reason = record.get("reason", "see the server log")
+        print(f"error: the run stopped: {reason}{resume_hint(cfg)}", file=sys.stderr)
     return rc or (0 if status == "completed" else 1)
 
 

@@ -14,8 +14,9 @@ import time
 
 import numpy as np
 
-from fedbpt.data import load_split, site_data, site_index
+from fedbpt.data import load_split
 from fedbpt.search import LocalObjective, derive_seed, evaluate, local_search, perturb
+from fedbpt.site import pick_device, site_settings
 from fedbpt.tasks import get_task
 from fedbpt.tiny import TINY_NAME, build_tiny_model, tiny_model_key
 from fedbpt.wire import decode_state, encode_update
@@ -35,15 +36,6 @@ def resolve_model_path(cfg: dict, train_texts: list[str] | None, cache_root: str
     return build_tiny_model(path, texts, task.label_words, cfg["seed"])
 
 
-def pick_device(requested: str | None) -> str:
-    """cuda when available (NVFlare's CUDA_VISIBLE_DEVICES decides which GPU that is), else cpu."""
-    import torch
-
-    if requested:
-        return requested
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 class SiteRuntime:
     def __init__(self, cfg: dict, site: str, cache_root: str) -> None:
         import torch
@@ -54,21 +46,13 @@ class SiteRuntime:
         self.task = get_task(cfg["task_name"])
         if cfg.get("torch_threads"):
             torch.set_num_threads(int(cfg["torch_threads"]))
-        self.index = site_index(site, cfg["num_clients"])
+        self.local = site_settings(cfg, site, os.path.join(cache_root, "local"))  # the site's own data settings
+        self.index = self.local.seed_index
         t0 = time.time()
-        full_train = load_split(self.task, "train", cfg["data_dir"])
-        data = site_data(
-            self.task,
-            cfg["data_dir"],
-            cfg["k_shot"],
-            cfg["num_clients"],
-            self.index,
-            cfg["iid"],
-            cfg["alpha_dir"],
-            cfg["seed"],
-            full_train=full_train,
-        )
+        full_train = load_split(self.task, "train", self.local.data_dir)
+        data = self.local.shards(self.task, cfg, full_train)
         model_path = resolve_model_path(cfg, full_train.texts, cache_root)
+        device = pick_device(cfg["device"])
         self.scorer = Scorer(
             model_path,
             self.task,
@@ -77,7 +61,7 @@ class SiteRuntime:
             cfg["cat_or_add"],
             cfg["seed"],
             cfg["sigma"],
-            pick_device(cfg["device"]),
+            device,
             cfg["precision"],
             cfg["max_batch_tokens"],
         )
@@ -85,17 +69,23 @@ class SiteRuntime:
         self.dev = self.scorer.encode(data.dev)
         self.is_eval_client = site in cfg["eval_clients"].split(",")
         self.test = (
-            self.scorer.encode(load_split(self.task, self.task.test_split, cfg["data_dir"]))
+            self.scorer.encode(load_split(self.task, self.task.test_split, self.local.data_dir))
             if self.is_eval_client
             else None
         )
         log.info(
-            "%s: %d train, %d dev, %s test examples; model %s; ready in %.1fs",
+            "%s: %d train, %d dev, %s test examples (data %s, shard %s; %s); model %s on %s "
+            "(CUDA_VISIBLE_DEVICES=%s); ready in %.1fs",
             site,
             len(self.train),
             len(self.dev),
             len(self.test) if self.test is not None else "no",
+            self.local.data_dir or "hub",
+            "own" if self.local.shard is None else self.local.shard + 1,
+            self.local.source,
             model_path,
+            device,
+            os.environ.get("CUDA_VISIBLE_DEVICES"),
             time.time() - t0,
         )
 

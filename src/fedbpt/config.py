@@ -51,6 +51,8 @@ DEFAULTS: dict = {
     "round_timeout": 0,
     "torch_threads": 0,
     "model_cache_dir": None,
+    "checkpoint_every": 1,
+    "resume": None,
 }
 
 HELP = {
@@ -90,9 +92,11 @@ HELP = {
     "cov_mode": "covariance sent to clients: full (float32 triangle), diag, none",
     "precision": "fp32 | bf16 | fp16 (autocast; bf16/fp16 need CUDA)",
     "max_batch_tokens": "tokens per forward pass (candidates x examples x length); lower it if memory is short",
-    "round_timeout": "seconds a round waits for clients (0: no limit)",
+    "round_timeout": "seconds a round waits for clients (0: no limit); site setup before round 0 is not counted",
     "torch_threads": "torch threads per client process (0: the simulator shares the cores among --threads)",
     "model_cache_dir": "where tiny-random models are built (default: WORKSPACE/models; a site's workspace if exported)",
+    "checkpoint_every": "write the server checkpoint every N rounds (and after the last); 0: never",
+    "resume": "continue the run saved in this checkpoint (fedbpt_checkpoint.npz); give the total --num_rounds",
 }
 
 CHOICES = {
@@ -208,13 +212,19 @@ def validate(cfg: dict) -> dict:
     sites = [s.strip() for s in str(cfg["eval_clients"]).split(",") if s.strip()]
     valid = {f"site-{i}" for i in range(1, n + 1)}
     bad = [s for s in sites if s not in valid]
-    if bad:
+    if bad and not cfg["export"]:  # a deployment's sites may have any names
         raise ConfigError(f"--eval_clients {','.join(bad)} is not a site: sites are site-1..site-{n}")
     cfg["eval_clients"] = ",".join(sites)
     if cfg["data_dir"]:
         cfg["data_dir"] = os.path.abspath(os.path.expanduser(cfg["data_dir"]))
         if not os.path.isdir(cfg["data_dir"]):
             raise ConfigError(f"--data_dir {cfg['data_dir']} is not a directory")
+    if int(cfg["checkpoint_every"]) < 0:
+        raise ConfigError(f"--checkpoint_every must be 0 (never) or more, got {cfg['checkpoint_every']}")
+    if cfg["resume"]:
+        cfg["resume"] = os.path.abspath(os.path.expanduser(cfg["resume"]))
+        if not os.path.isfile(cfg["resume"]):
+            raise ConfigError(f"--resume {cfg['resume']} is not a file: pass the fedbpt_checkpoint.npz of a run")
     for key in (
         "num_clients",
         "num_rounds",
@@ -229,6 +239,7 @@ def validate(cfg: dict) -> dict:
         "max_batch_tokens",
         "round_timeout",
         "torch_threads",
+        "checkpoint_every",
     ):
         cfg[key] = int(cfg[key])
     for key in ("sigma", "bound", "alpha_dir", "perturb_rate", "frac"):

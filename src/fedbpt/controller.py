@@ -12,7 +12,8 @@ from nvflare.apis.signal import Signal
 from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
 from nvflare.fuel.utils import fobs
 
-from fedbpt.executor import TASK_EVAL, TASK_ROUND
+from fedbpt.checkpoint import CheckpointError, after_round, open_run
+from fedbpt.executor import TASK_EVAL, TASK_ROUND, TASK_SETUP
 from fedbpt.federation import Federation, TooFewClients
 
 SCALARS = ("dev_acc", "test_acc", "train_acc", "train_loss", "sigma", "best_fitness")
@@ -24,37 +25,52 @@ class FedBPTController(Controller):
         self.config = config
         self.fed: Federation | None = None
         self.out_dir = ""
+        self.app_config_dir = ""
+        self.lost: set[str] = set()  # sites that missed a deadline: later tasks still go to them, nobody waits
 
     def start_controller(self, fl_ctx: FLContext) -> None:
-        self.out_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
+        workspace = fl_ctx.get_engine().get_workspace()
+        self.out_dir = workspace.get_run_dir(fl_ctx.get_job_id())
+        self.app_config_dir = workspace.get_app_config_dir(fl_ctx.get_job_id())
 
     def stop_controller(self, fl_ctx: FLContext) -> None:
         pass
 
     def process_result_of_unknown_task(self, client, task_name, client_task_id, result, fl_ctx) -> None:
         self.log_warning(fl_ctx, f"ignored a late result of {task_name} from {client.name}")
+        if client.name in self.lost:  # it is alive and free again: later rounds wait for it
+            self.lost.discard(client.name)
+            self.log_info(fl_ctx, f"{client.name} is back: later rounds wait for it again")
 
-    def _broadcast(self, name: str, msg: dict, targets: list[str], fl_ctx: FLContext, abort_signal: Signal):
+    def _broadcast(
+        self, name: str, msg: dict, targets: list[str], fl_ctx: FLContext, abort_signal: Signal, timeout: int = -1
+    ):
         """Send ``msg`` to ``targets``; return (site -> payload, bytes sent per site, site -> bytes received).
 
-        Byte counts are the FOBS-serialised Shareables, i.e. what NVFlare puts on the wire before framing.
+        Waits for every target except lost ones (which missed an earlier deadline), at most ``timeout`` seconds
+        (default --round_timeout). Byte counts are the FOBS-serialised Shareables, i.e. what NVFlare puts on the
+        wire before framing.
         """
         shareable = DXO(data_kind=DataKind.COLLECTION, data=msg).to_shareable()
         bytes_down = len(fobs.dumps(shareable))
-        task = Task(name=name, data=shareable, timeout=int(self.config["round_timeout"]))
+        timeout = int(self.config["round_timeout"]) if timeout < 0 else timeout
+        task = Task(name=name, data=shareable, timeout=timeout)
         self.broadcast_and_wait(
             task,
             fl_ctx,
             targets=targets,
-            min_responses=len(targets),
+            min_responses=max(1, len([t for t in targets if t not in self.lost])),
             wait_time_after_min_received=0,
             abort_signal=abort_signal,
         )
         results, bytes_up = {}, {}
+        answered = {ct.client.name for ct in task.client_tasks if ct.result is not None}
+        for site in sorted(set(targets) - answered - self.lost):
+            self.log_warning(fl_ctx, f"{site} did not answer {name} in time: later rounds will not wait for it")
+        self.lost = (self.lost | set(targets)) - answered
         for ct in task.client_tasks:
             site, result = ct.client.name, ct.result
             if result is None:
-                self.log_warning(fl_ctx, f"{site} sent no result for {name}")
                 continue
             rc = result.get_return_code(ReturnCode.OK)
             if rc != ReturnCode.OK:
@@ -76,22 +92,44 @@ class FedBPTController(Controller):
                     self, create_analytic_dxo(tag, float(value), AnalyticsDataType.SCALAR, global_step=step), fl_ctx
                 )
 
+    def _stop(self, fl_ctx: FLContext, reason: str, panic: bool = True) -> None:
+        """Record why the run stopped (the last checkpoint stays as it is) and end the job."""
+        if self.fed.summary.status == "running":
+            self.fed.summary.fail(reason)
+        path = self.fed.summary.write(self.out_dir)
+        self.log_error(fl_ctx, f"run stopped: {reason}; summary in {path}")
+        if panic:
+            self.system_panic(reason, fl_ctx)
+
     def control_flow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
         sites = [c.name for c in fl_ctx.get_engine().get_clients()]
         self.fed = fed = Federation(self.config, sites)
-        for rnd in range(self.config["num_rounds"]):
+        try:
+            first = open_run(fed, self.config, self.app_config_dir)
+        except CheckpointError as exc:
+            self._stop(fl_ctx, str(exc))
+            return
+        # Sites load data and model before the first round, so --round_timeout measures rounds, not setup.
+        ready, _, _ = self._broadcast(TASK_SETUP, {"setup": 1}, fed.sites, fl_ctx, abort_signal, timeout=0)
+        if len(ready) < self.config["min_clients"]:
+            failed = ", ".join(sorted(set(fed.sites) - set(ready)))
+            self._stop(fl_ctx, f"{len(ready)} sites set up, fewer than --min_clients (failed: {failed}; see its log)")
+            return
+        for rnd in range(first, self.config["num_rounds"]):
             if abort_signal.triggered:
+                self._stop(fl_ctx, f"aborted before round {rnd}", panic=False)
                 return
             targets, msg = fed.start_round(rnd)
             results, bytes_down, bytes_up = self._broadcast(TASK_ROUND, msg, targets, fl_ctx, abort_signal)
             if abort_signal.triggered:
+                self._stop(fl_ctx, f"aborted during round {rnd}", panic=False)
                 return
             try:
                 row = fed.finish_round(rnd, targets, results, bytes_down, bytes_up)
             except TooFewClients as exc:
-                fed.summary.write(self.out_dir)
-                self.system_panic(str(exc), fl_ctx)
+                self._stop(fl_ctx, str(exc))
                 return
+            after_round(fed, rnd, self.out_dir)
             self.log_info(fl_ctx, fed.summary.progress_line(row))
             self._log_scalars(fl_ctx, rnd, row)
         results, _, _ = self._broadcast(TASK_EVAL, fed.final_message(), fed.sites, fl_ctx, abort_signal)

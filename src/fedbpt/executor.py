@@ -12,10 +12,12 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 
 from fedbpt.client import SiteRuntime
+from fedbpt.fault import run_with_faults
 from fedbpt.tasks import ConfigError
 
 TASK_ROUND = "fedbpt_round"
 TASK_EVAL = "fedbpt_eval"
+TASK_SETUP = "fedbpt_setup"  # load data and model before the first round (SiteRuntime.get does it)
 
 
 class FedBPTExecutor(Executor):
@@ -32,7 +34,18 @@ class FedBPTExecutor(Executor):
             if abort_signal.triggered:
                 return make_reply(ReturnCode.TASK_ABORTED)
             if task_name == TASK_ROUND:
-                out = runtime.run_round(msg["state"], bool(msg["evaluate"]), lambda: abort_signal.triggered)
+
+                def should_stop() -> bool:  # checked before every CMA-ES generation
+                    return abort_signal.triggered
+
+                out = run_with_faults(
+                    site,
+                    int(msg["state"]["round"]),
+                    lambda: runtime.run_round(msg["state"], bool(msg["evaluate"]), should_stop),
+                    should_stop,
+                )
+            elif task_name == TASK_SETUP:
+                out = {"train_n": len(runtime.train)}
             elif task_name == TASK_EVAL:
                 out = runtime.evaluate(msg["state"]["mean"], with_dev=True)
             else:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from fedbpt.aggregation import ServerES
+from fedbpt.checkpoint import after_round, open_run
 from fedbpt.config import clients_per_round
 from fedbpt.summary import RunSummary
 from fedbpt.tasks import get_task
@@ -55,7 +56,7 @@ class Federation:
         updates, evals = [], {}
         for site, payload in sorted(results.items()):
             try:
-                updates.append(decode_update(site, payload, cfg["intrinsic_dim"], cfg["local_iter"]))
+                updates.append(decode_update(site, payload, cfg["intrinsic_dim"], cfg["local_iter"], cfg["bound"]))
             except PayloadError as exc:
                 log.error("round %d: rejected the update of %s: %s", rnd, site, exc)
                 continue
@@ -98,15 +99,24 @@ class Federation:
 
 
 def run_in_process(
-    cfg: dict, site_runtime: Callable[[str], object], progress: Callable[[str], None] | None = None
+    cfg: dict,
+    site_runtime: Callable[[str], object],
+    progress: Callable[[str], None] | None = None,
+    out_dir: str | None = None,
 ) -> RunSummary:
-    """Run the whole federation in this process: ``site_runtime(site)`` returns that site's SiteRuntime."""
+    """Run the whole federation in this process: ``site_runtime(site)`` returns that site's SiteRuntime.
+
+    With ``out_dir``, checkpoints are written there as the NVFlare controller writes them; ``cfg["resume"]``
+    continues from one.
+    """
     sites = [f"site-{i}" for i in range(1, cfg["num_clients"] + 1)]
     fed = Federation(cfg, sites)
-    for rnd in range(cfg["num_rounds"]):
+    first = open_run(fed, cfg)
+    for rnd in range(first, cfg["num_rounds"]):
         targets, msg = fed.start_round(rnd)
         results = {s: site_runtime(s).run_round(msg["state"], bool(msg["evaluate"])) for s in targets}
         row = fed.finish_round(rnd, targets, results)
+        after_round(fed, rnd, out_dir)
         if progress:
             progress(fed.summary.progress_line(row))
     msg = fed.final_message()

@@ -63,8 +63,11 @@ def _finite_number(msg: dict, key: str) -> float:
     return float(v)
 
 
-def decode_update(site: str, msg: dict, d: int, local_iter: int) -> ClientUpdate:
-    """Validate a client's upload; raise PayloadError naming what is wrong."""
+def decode_update(site: str, msg: dict, d: int, local_iter: int, bound: float = 0.0) -> ClientUpdate:
+    """Validate a client's upload; raise PayloadError naming what is wrong.
+
+    With a box bound, a mean outside it is rejected too: pycma's tell() would raise on it and stop the server.
+    """
     if not isinstance(msg, dict):
         raise PayloadError(f"payload is {type(msg).__name__}, not a dict")
     for key in ("mean", "fitness", "sigmas", "popsize"):
@@ -75,6 +78,8 @@ def decode_update(site: str, msg: dict, d: int, local_iter: int) -> ClientUpdate
         raise PayloadError(f"'mean' must be a float array of shape ({d},), got {getattr(mean, 'shape', type(mean))}")
     if not np.all(np.isfinite(mean)):
         raise PayloadError("'mean' has NaN or inf")
+    if bound > 0 and np.max(np.abs(mean)) > bound:
+        raise PayloadError(f"'mean' leaves the box [-{bound}, {bound}] (max |z_i| {np.max(np.abs(mean)):.4g})")
     sigmas = msg["sigmas"]
     if not isinstance(sigmas, np.ndarray) or sigmas.shape != (local_iter,):
         raise PayloadError(f"'sigmas' must be an array of shape ({local_iter},)")

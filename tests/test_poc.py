@@ -1,0 +1,168 @@
+"""A real NVFlare deployment on loopback (POC mode): provision, start, submit the exported job, fetch, stop.
+
+The exported job carries no data path: each site finds its data through its own ``local/fedbpt_site.json``, as a
+site of a real project would. Results must equal, bit for bit, the same run done in-process (the simulator's
+arithmetic): a deployment changes where the code runs, not what it computes. The second test stops the whole
+deployment in the middle of a run, restarts it and resumes from the server's checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+from deploy_util import NO_DATA, SST2, PocDeployment, small_sst2
+
+from fedbpt.checkpoint import CHECKPOINT_FILE, CheckpointError, load
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.isdir(SST2), reason=NO_DATA)]
+
+JOB_ARGS = [  # configs/tiny.yaml, but naming no data folder: the sites know where their data is
+    "--model_name", "tiny-random", "--task_name", "sst2", "--n_prompt_tokens", "10", "--intrinsic_dim", "50",
+    "--num_clients", "2", "--k_shot", "8", "--torch_threads", "1", "--round_timeout", "300",
+]  # fmt: skip
+JOB_TIMEOUT = 600
+
+
+@pytest.fixture(scope="module")
+def poc(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("poc"))
+    home = os.environ.get("HOME")
+    dep = PocDeployment(root)
+    os.environ["HOME"] = dep.home  # the Session API in this process reads ~ too
+    try:
+        data = small_sst2(os.path.join(root, "data"))
+        t0 = time.time()
+        dep.prepare()
+        # Site-local data: each site says where its files are (site-2 also states its shard explicitly).
+        with open(os.path.join(dep.prod, "site-1", "local", "fedbpt_site.json"), "w") as f:
+            json.dump({"data_dir": data}, f)
+        with open(os.path.join(dep.prod, "site-2", "local", "fedbpt_site.json"), "w") as f:
+            json.dump({"data_dir": data, "site_index": 2}, f)
+        t1 = time.time()
+        dep.start()
+        dep.timings.update(prepare=t1 - t0, start=time.time() - t1)
+        yield dep, data
+    finally:
+        t0 = time.time()
+        failure = dep.stop()
+        left = dep.kill_leftovers()
+        os.environ["HOME"] = home
+        print(f"\nPOC stop: {time.time() - t0:.1f}s{'; nvflare poc stop failed: ' + failure[-300:] if failure else ''}")
+    assert not left, f"processes still running after stopping the deployment: {[p.pid for p in left]}"
+
+
+def export(tmp_path, *extra: str) -> str:
+    import job
+
+    out = str(tmp_path / "jobs")
+    assert job.main([*JOB_ARGS, *extra, "--export", "--export-dir", out]) == 0
+    return os.path.join(out, "fedbpt")
+
+
+def wait_finished(dep: PocDeployment, session, job_id: str) -> dict:
+    deadline = time.time() + JOB_TIMEOUT
+    while time.time() < deadline:
+        dep.scan()  # job processes run in sessions of their own: collect them while they live
+        meta = session.get_job_meta(job_id)
+        if meta["status"].startswith("FINISHED"):
+            return meta
+        time.sleep(1.0)
+    raise AssertionError(f"job {job_id} did not finish in {JOB_TIMEOUT}s")
+
+
+def in_process(data: str, rounds: int, cache: str):
+    from fedbpt.client import RuntimePool
+    from fedbpt.config import resolve
+    from fedbpt.federation import run_in_process
+
+    cfg = resolve([*JOB_ARGS, "--num_rounds", str(rounds), "--data_dir", data])
+    return run_in_process(cfg, RuntimePool(cfg, cache))
+
+
+def test_exported_job_runs_on_a_poc_deployment(poc, tmp_path):
+    dep, data = poc
+    job_dir = export(tmp_path, "--num_rounds", "2")
+    t0 = time.time()
+    session = dep.session()
+    try:
+        job_id = session.submit_job(job_dir)
+        meta = wait_finished(dep, session, job_id)
+        t_job = time.time() - t0
+        result = session.download_job_result(job_id, str(tmp_path / "download"))
+    finally:
+        session.close()
+    print(f"\nPOC: prepare {dep.timings['prepare']:.1f}s, start {dep.timings['start']:.1f}s, 2-round job {t_job:.1f}s")
+
+    assert meta["status"] == "FINISHED:COMPLETED", meta
+    workspace = os.path.join(result, "workspace")
+    with open(os.path.join(workspace, "fedbpt_summary.json")) as f:
+        summary = json.load(f)
+    assert summary["status"] == "completed"
+    assert [r["round"] for r in summary["rounds"]] == [0, 1]
+    assert all(r["clients"] == ["site-1", "site-2"] and not r["missing"] for r in summary["rounds"])
+    assert summary["final"]["test_acc"] is not None and summary["config"]["data_dir"] is None
+    z = np.load(os.path.join(workspace, "prompt_final.npy"))
+    assert z.shape == (summary["config"]["intrinsic_dim"],)
+    assert load(os.path.join(workspace, CHECKPOINT_FILE)).round == 2
+
+    local = in_process(data, 2, str(tmp_path / "cache"))
+    assert np.array_equal(local.final_z, z)
+    assert [r["sigma"] for r in local.rounds] == [r["sigma"] for r in summary["rounds"]]
+
+
+def test_run_resumes_after_the_server_is_stopped(poc, tmp_path):
+    dep, data = poc
+    session = dep.session()
+    try:
+        job_id = session.submit_job(export(tmp_path / "long", "--num_rounds", "40"))
+        server_ckpt = os.path.join(dep.prod, "server", job_id, CHECKPOINT_FILE)
+        deadline, done = time.time() + JOB_TIMEOUT, 0
+        while done < 2 and time.time() < deadline:
+            dep.scan()
+            time.sleep(0.5)
+            try:
+                done = load(server_ckpt).round if os.path.exists(server_ckpt) else 0
+            except CheckpointError:  # never half-written (atomic rename), but be explicit about what we tolerate
+                pytest.fail("the server's checkpoint was unreadable while the run was going")
+    finally:
+        session.close()
+    assert done >= 2, "the long job wrote no checkpoint in time"
+
+    t0 = time.time()
+    failure = dep.stop()  # the whole deployment goes down mid-run
+    t_stop = time.time() - t0
+    assert not failure, failure
+    assert not dep.alive(), "processes still running after 'nvflare poc stop'"
+    saved = str(tmp_path / CHECKPOINT_FILE)
+    shutil.copy(server_ckpt, saved)
+    done = load(saved).round
+    with open(os.path.join(dep.prod, "server", job_id, "fedbpt_summary.json")) as f:
+        stopped = json.load(f)
+    assert stopped["status"] == "failed" and stopped["reason"].startswith("aborted")
+    assert len(stopped["rounds"]) >= done
+
+    t0 = time.time()
+    dep.start()
+    t_restart = time.time() - t0
+    session = dep.session()
+    try:
+        job_id = session.submit_job(export(tmp_path / "resume", "--num_rounds", str(done + 2), "--resume", saved))
+        meta = wait_finished(dep, session, job_id)
+        result = session.download_job_result(job_id, str(tmp_path / "download"))
+    finally:
+        session.close()
+    print(f"\nPOC: stopped after {done} rounds in {t_stop:.1f}s, restarted in {t_restart:.1f}s")
+
+    assert meta["status"] == "FINISHED:COMPLETED", meta
+    workspace = os.path.join(result, "workspace")
+    with open(os.path.join(workspace, "fedbpt_summary.json")) as f:
+        summary = json.load(f)
+    assert summary["status"] == "completed" and [r["round"] for r in summary["rounds"]] == list(range(done + 2))
+    assert summary["rounds"][:done] == stopped["rounds"][:done]
+    local = in_process(data, done + 2, str(tmp_path / "cache"))
+    assert np.array_equal(local.final_z, np.load(os.path.join(workspace, "prompt_final.npy")))
