@@ -147,3 +147,15 @@ def test_a_missing_client_moves_the_mean_less_but_the_round_goes_on():
     full.aggregate(ups)
     partial.aggregate(ups[:1])
     assert 0 < np.linalg.norm(partial.state(1).mean) < np.linalg.norm(full.state(1).mean) + np.linalg.norm(ups[0].mean)
+
+
+def test_a_missing_client_under_box_bounds_keeps_the_server_running():
+    """Padding a missing client with a mean outside the box made pycma raise; it is repaired into the box."""
+    server = ServerES(D, 1.0, 4, seed=1, bound=0.5)
+    rng = np.random.default_rng(6)
+    for _ in range(6):
+        ups = [u for u in _updates(4, rng, scale=2.0)[:2]]
+        for u in ups:
+            u.mean = np.clip(u.mean, -0.5, 0.5)  # clients search inside the box
+        server.aggregate(ups)
+    assert np.all(np.isfinite(server.state(6).mean))

@@ -81,6 +81,7 @@ class ServerES:
         import cma
 
         self.sigma_rule = sigma_rule
+        self.bound = float(bound)
         self.k = clients_per_round
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -93,6 +94,10 @@ class ServerES:
                 {"CMA_mu": clients_per_round, "AdaptSigma": cma.sigma_adaptation.CMAAdaptSigmaCSA},
             )
         self.sent_sigma = float(sigma0)
+
+    def _mean_in_bounds(self) -> np.ndarray:
+        mean = np.array(self.es.mean, dtype=np.float64)
+        return np.clip(mean, -self.bound, self.bound) if self.bound > 0 else mean
 
     @property
     def d(self) -> int:
@@ -136,8 +141,10 @@ class ServerES:
             if len(x) < self.k:
                 # pycma needs mu = K points. A missing client is told as the current mean ranked last: it adds
                 # nothing to the mean shift or the rank-mu update, so the round moves on the answers it got.
+                # With --bound the mean itself may lie outside the box (pycma bounds the phenotype), and pycma
+                # refuses told points outside it: use the mean repaired into the box.
                 missing = self.k - len(x)
-                x += [np.array(self.es.mean, dtype=np.float64)] * missing
+                x += [self._mean_in_bounds()] * missing
                 fit = np.concatenate([fit, np.full(missing, fit.max() + 1.0)])
             self.es.tell(x, fit.tolist())
             if self.sigma_rule == "reference":
