@@ -35,6 +35,18 @@ def toy_sentences(n: int, seed: int) -> tuple[list[str], list[int]]:
     return texts, labels
 
 
+WORDS = (
+    "the film is a story of love and loss with great acting but the plot is bad and slow "
+    "funny charming dull boring brilliant script director performances never quite works"
+).split()
+
+
+def deterministic_texts(n: int, seed: int = 0) -> list[str]:
+    """Sentences of 2-30 words from a fixed word list: varied lengths for the batching tests."""
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=int(k))) for k in rng.integers(2, 31, size=n)]
+
+
 def write_jsonl(path: str, texts: list[str], labels: list[int], column: str = "sentence") -> None:
     with open(path, "w") as f:
         for i, (t, y) in enumerate(zip(texts, labels)):

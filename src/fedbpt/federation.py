@@ -86,6 +86,7 @@ class Federation:
             median_fitness=float(np.median(fits)),
             clipped=info.clipped,
             seconds=time.time() - self._t0,
+            client_seconds={s: _work_seconds(p) for s, p in evals.items()},  # model work: the rest is orchestration
             bytes_down=int(bytes_down),
             bytes_up=int(np.mean(up)) if up else 0,
         )
@@ -96,6 +97,10 @@ class Federation:
 
     def finish(self, results: dict) -> dict:
         return self.summary.add_final(self.cfg["num_rounds"], self._state.mean, results)
+
+
+def _work_seconds(payload: dict) -> float:
+    return float(payload.get("seconds_search", 0.0)) + float(payload.get("seconds_eval", 0.0))
 
 
 def run_in_process(

@@ -4,9 +4,10 @@ Only label-word logits at the mask position leave this module. The prompt enters
 the model's public embedding modules, so any Hugging Face masked LM with a word-embedding module inside an
 embeddings block works (RoBERTa, BERT, ...); no model code is copied or patched.
 
-Speed: a whole CMA-ES generation (and its perturbed twin) is scored in as few forward passes as the token
-budget allows; examples are grouped by length and each batch is padded to its own longest sequence; only the
-hidden state at the mask goes through the LM head, whose decoder is cut down to the label-word rows.
+Speed: a whole CMA-ES generation (and its perturbed twin) is scored in few forward passes within the token
+budget; examples are sorted by length and cut into passes that minimise padded tokens plus a fixed cost per
+pass (:func:`plan_batches`), each padded to its own longest sequence; only the hidden state at the mask goes
+through the LM head, whose decoder is cut down to the label-word rows.
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ log = logging.getLogger(__name__)
 
 MAX_SEQ_LEN = 512
 PLACEHOLDER_START = 1000  # the reference uses token ids 1000..1000+n-1 as prompt placeholders
+# A forward pass costs a fixed amount on top of its tokens (Python and kernel launches, small-GEMM inefficiency):
+# splitting a length group off pays only when it saves more padded tokens than that. The fixed cost is about
+# PASS_OVERHEAD_FLOP of model work, never less than PASS_OVERHEAD_TOKENS[device type]. On 2 CPU cores at
+# roberta-base's shape, passes under ~2,000 tokens ran at half the per-token speed of larger ones (measured).
+PASS_OVERHEAD_FLOP = 5e8
+PASS_OVERHEAD_TOKENS = {"cpu": 1024, "cuda": 4096}
 _MODEL_CACHE: dict[tuple, tuple] = {}
+_PROJECTION_CACHE: dict[tuple, object] = {}
 
 
 @dataclass
@@ -39,10 +47,12 @@ class Encoded:
     labels: np.ndarray
     dropped: int = 0
     order: np.ndarray = field(init=False)
+    lengths: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
+        self.lengths = np.array([len(x) for x in self.ids], dtype=np.int64)
         # longest first, so the first batch shows the peak memory at once
-        self.order = np.argsort([-len(x) for x in self.ids], kind="stable")
+        self.order = np.argsort(-self.lengths, kind="stable")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -171,13 +181,23 @@ class Scorer:
             self.label_decoder.bias.zero_()  # a zero bias, not None: BERT's set_output_embeddings copies it
         self.label_decoder.requires_grad_(False)
         self.head = self._find_head(full)
+        # ~2 FLOPs per weight per token outside the embedding table: what one padded token costs
+        weights = sum(p.numel() for p in self.model.parameters()) - word_emb.weight.numel()
+        self.pass_overhead_tokens = int(
+            max(PASS_OVERHEAD_TOKENS.get(self.device.type, 4096), PASS_OVERHEAD_FLOP / max(1, 2 * weights))
+        )
 
         # Projection A, (n*h) x d, N(0, std) with std = std_hat / (sqrt(d) * sigma): the same on every site.
         std_hat = float(word_emb.weight.detach().float().std())
         self.proj_std = std_hat / (np.sqrt(intrinsic_dim) * sigma)
-        gen = torch.Generator().manual_seed(seed)
-        a = torch.randn((n_prompt_tokens * self.hidden, intrinsic_dim), generator=gen) * self.proj_std
-        self.A_t = a.t().contiguous().to(self.device)  # (d, n*h): z @ A^T is one matmul per generation
+        # (d, n*h): z @ A^T is one matmul per generation. Shared by all scorers of this process with the same
+        # model and seed (RuntimePool holds one per site): A is 25.6M floats at roberta-large's shape.
+        key = (model_path, str(self.device), n_prompt_tokens, self.hidden, intrinsic_dim, seed, self.proj_std)
+        if key not in _PROJECTION_CACHE:
+            gen = torch.Generator().manual_seed(seed)
+            a = torch.randn((n_prompt_tokens * self.hidden, intrinsic_dim), generator=gen) * self.proj_std
+            _PROJECTION_CACHE[key] = a.t().contiguous().to(self.device)
+        self.A_t = _PROJECTION_CACHE[key]
         self._prompt = None
         self._hook = (self.embeddings_module if cat_or_add == "add" else word_emb).register_forward_hook(self._inject)
 
@@ -261,23 +281,16 @@ class Scorer:
         return Encoded(ids, text_masks, np.asarray(mask_pos, dtype=np.int64), examples.labels[keep], dropped)
 
     # ---- scoring --------------------------------------------------------------------------------------
-    def _batches(self, enc: Encoded, rows_per_example: int):
-        """Yield (example indices, padded ids, attention mask): each batch padded to its own longest."""
+    def _padded(self, enc: Encoded, idx: np.ndarray):
+        """(ids, attention mask) of the examples ``idx``, padded to their own longest."""
         torch = self.torch
-        pad = self.tokenizer.pad_token_id
-        order = enc.order
-        i = 0
-        while i < len(order):
-            longest = len(enc.ids[order[i]])
-            n = max(1, self.max_batch_tokens // (longest * rows_per_example))
-            idx = order[i : i + n]
-            i += len(idx)
-            ids = np.full((len(idx), longest), pad, dtype=np.int64)
-            att = np.zeros((len(idx), longest), dtype=np.int64)
-            for r, j in enumerate(idx):
-                ids[r, : len(enc.ids[j])] = enc.ids[j]
-                att[r, : len(enc.ids[j])] = 1
-            yield idx, torch.from_numpy(ids).to(self.device), torch.from_numpy(att).to(self.device)
+        longest = int(enc.lengths[idx].max())
+        ids = np.full((len(idx), longest), self.tokenizer.pad_token_id, dtype=np.int64)
+        att = np.zeros((len(idx), longest), dtype=np.int64)
+        for r, j in enumerate(idx):
+            ids[r, : enc.lengths[j]] = enc.ids[j]
+            att[r, : enc.lengths[j]] = 1
+        return torch.from_numpy(ids).to(self.device), torch.from_numpy(att).to(self.device)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -299,7 +312,8 @@ class Scorer:
             for c0 in range(0, c_total, c_chunk):
                 p = self.prompts(z[c0 : c0 + c_chunk])
                 cc = len(p)
-                for idx, ids, att in self._batches(enc, cc):
+                for idx in plan_batches(enc.lengths, cc, self.max_batch_tokens, self.pass_overhead_tokens):
+                    ids, att = self._padded(enc, idx)
                     b = len(idx)
                     rows = p.repeat_interleave(b, dim=0)  # candidate-major: row = c * b + example
                     ids_r, att_r = ids.repeat(cc, 1), att.repeat(cc, 1)
@@ -325,6 +339,45 @@ class Scorer:
         with torch.inference_mode(), self.prompt(self.prompts(z)[0]):
             logits = self.model(input_ids=ids, attention_mask=att).logits
         return logits[torch.arange(len(ids)), mpos]
+
+
+def plan_batches(lengths: np.ndarray, rows_per_example: int, max_tokens: int, overhead: int = 256) -> list[np.ndarray]:
+    """Cut examples into forward passes: runs of the longest-first order, each padded to its own longest.
+
+    Each example is repeated ``rows_per_example`` times in a pass (one row per candidate). A pass holds at most
+    ``max_tokens`` padded tokens (at least one example). The cut points minimise padded tokens + ``overhead``
+    per pass, by dynamic programming over the distinct lengths: one global batch wastes the padding of every
+    short sentence up to the longest, one pass per length wastes the per-pass cost.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    srt = lengths[order]
+    if len(srt) == 0:
+        return []
+    bounds = np.r_[np.flatnonzero(np.r_[True, srt[1:] != srt[:-1]]), len(srt)]
+    groups = len(bounds) - 1
+    best = np.full(groups + 1, np.inf)
+    best[0] = 0.0
+    cut = np.zeros(groups + 1, dtype=np.int64)
+    for h in range(1, groups + 1):  # a pass run covering groups g..h-1 is padded to group g's length
+        for g in range(h):
+            n, longest = bounds[h] - bounds[g], srt[bounds[g]]
+            per_pass = max(1, max_tokens // (rows_per_example * longest))
+            cost = best[g] + rows_per_example * n * longest + overhead * -(-n // per_pass)
+            if cost < best[h]:
+                best[h], cut[h] = cost, g
+    runs, h = [], groups
+    while h > 0:
+        runs.append((bounds[cut[h]], bounds[h]))
+        h = cut[h]
+    batches = []
+    for lo, hi in reversed(runs):
+        i = lo
+        while i < hi:  # within the cap; each piece is padded to its own longest
+            per_pass = max(1, max_tokens // (rows_per_example * srt[i]))
+            batches.append(order[i : min(hi, i + per_pass)])
+            i += len(batches[-1])
+    return batches
 
 
 def loss_and_metrics(logits: np.ndarray, labels: np.ndarray, loss_type: str) -> tuple[np.ndarray, np.ndarray]:

@@ -135,7 +135,10 @@ def local_search(
     """
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(1), warnings.catch_warnings():
+    # One BLAS thread for pycma's small linear algebra (no oversubscription next to the scorer's threads).
+    # Only the BLAS API: a bare threadpool_limits(1) also sets OpenMP to one thread, and torch's CPU kernels
+    # run on OpenMP, so the objective's forward passes would lose all but one core.
+    with threadpool_limits(1, user_api="blas"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pycma's notes about flat fitness or small populations
         es = make_es(state.mean, state.sigma, popsize, seed, bound)
         set_covariance(es, state.cov)
