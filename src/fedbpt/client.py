@@ -15,7 +15,9 @@ import time
 import numpy as np
 
 from fedbpt.data import load_split, site_data, site_index
-from fedbpt.search import LocalObjective, derive_seed, evaluate, local_search, perturb
+from fedbpt.planted import PLANTED, ensure_bundle
+from fedbpt.scorer import loss_and_metrics
+from fedbpt.search import GlobalState, LocalObjective, derive_seed, local_search, perturb
 from fedbpt.tasks import get_task
 from fedbpt.tiny import TINY_NAME, build_tiny_model, tiny_model_key
 from fedbpt.wire import decode_state, encode_update
@@ -56,10 +58,14 @@ class SiteRuntime:
             torch.set_num_threads(int(cfg["torch_threads"]))
         self.index = site_index(site, cfg["num_clients"])
         t0 = time.time()
-        full_train = load_split(self.task, "train", cfg["data_dir"])
+        data_dir, model_path = cfg["data_dir"], None
+        if self.task.name == PLANTED:  # a synthetic task: its data and model are built from the config
+            bundle = ensure_bundle(cfg, cache_root)
+            data_dir, model_path = bundle.data_dir, bundle.model_dir
+        full_train = load_split(self.task, "train", data_dir)
         data = site_data(
             self.task,
-            cfg["data_dir"],
+            data_dir,
             cfg["k_shot"],
             cfg["num_clients"],
             self.index,
@@ -68,7 +74,7 @@ class SiteRuntime:
             cfg["seed"],
             full_train=full_train,
         )
-        model_path = resolve_model_path(cfg, full_train.texts, cache_root)
+        model_path = model_path or resolve_model_path(cfg, full_train.texts, cache_root)
         self.scorer = Scorer(
             model_path,
             self.task,
@@ -85,9 +91,7 @@ class SiteRuntime:
         self.dev = self.scorer.encode(data.dev)
         self.is_eval_client = site in cfg["eval_clients"].split(",")
         self.test = (
-            self.scorer.encode(load_split(self.task, self.task.test_split, cfg["data_dir"]))
-            if self.is_eval_client
-            else None
+            self.scorer.encode(load_split(self.task, self.task.test_split, data_dir)) if self.is_eval_client else None
         )
         log.info(
             "%s: %d train, %d dev, %s test examples; model %s; ready in %.1fs",
@@ -110,13 +114,17 @@ class SiteRuntime:
         return _RUNTIMES[key]
 
     def _eval(self, z: np.ndarray, name: str, enc, out: dict) -> None:
-        r = evaluate(self.scorer.label_logits, z, enc, self.cfg["loss_type"])
-        out[f"{name}_loss"] = r["loss"]
-        out[f"{name}_n"] = r["n"]
-        out[f"{name}_confusion"] = r["confusion"]
+        """One prompt (d,), or several (K, d): then confusion matrices are summed and losses averaged, so the
+        pooled accuracy is the mean over the K prompts of each one's accuracy on the union (local-only runs)."""
+        z = np.atleast_2d(z)
+        loss, conf = loss_and_metrics(self.scorer.label_logits(z, enc), enc.labels, self.cfg["loss_type"])
+        out[f"{name}_loss"] = float(loss.mean())
+        out[f"{name}_n"] = len(enc) * len(z)
+        out[f"{name}_confusion"] = conf.sum(0)
 
     def evaluate(self, z: np.ndarray, with_dev: bool) -> dict:
-        """The global prompt on this site's train shard, and (when due) its dev shard and the test set."""
+        """The global prompt (or every site's prompt, local-only) on this site's train shard, and (when due) its
+        dev shard and the test set."""
         out: dict = {}
         self._eval(z, "train", self.train, out)
         if with_dev:
@@ -132,6 +140,9 @@ class SiteRuntime:
         t0 = time.time()
         metrics = self.evaluate(state.mean, with_eval)
         t_eval = time.time() - t0
+        if state.mean.ndim == 2:  # local-only: every site's own state came along; search from this site's
+            own = str(state_msg["sites"]).split(",").index(self.site)
+            state = GlobalState(state.round, state.mean[own], float(state_msg["sigmas"][own]), None)
         perturbed = None
         if cfg["perturb"]:
             rng = np.random.default_rng([cfg["seed"], self.index, state.round, 1])

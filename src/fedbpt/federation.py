@@ -13,11 +13,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fedbpt.aggregation import ServerES
+from fedbpt.baselines import make_server
 from fedbpt.config import clients_per_round
 from fedbpt.summary import RunSummary
 from fedbpt.tasks import get_task
-from fedbpt.wire import PayloadError, decode_update, encode_state
+from fedbpt.wire import PayloadError, decode_update, encode_state, payload_bytes
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,7 @@ class Federation:
         self.cfg = cfg
         self.sites = sorted(sites)
         self.k = min(clients_per_round(cfg), len(self.sites))
-        self.server = ServerES(
-            cfg["intrinsic_dim"], cfg["sigma"], self.k, cfg["seed"], cfg["bound"], cfg["server_sigma"]
-        )
+        self.server = make_server(cfg, self.k, self.sites)
         self.summary = RunSummary(cfg, get_task(cfg["task_name"]).metric)
         self._rng = np.random.default_rng([cfg["seed"], 7])  # client sampling, separate from every other stream
         self._t0 = 0.0
@@ -100,13 +98,18 @@ class Federation:
 def run_in_process(
     cfg: dict, site_runtime: Callable[[str], object], progress: Callable[[str], None] | None = None
 ) -> RunSummary:
-    """Run the whole federation in this process: ``site_runtime(site)`` returns that site's SiteRuntime."""
+    """Run the whole federation in this process: ``site_runtime(site)`` returns that site's SiteRuntime.
+
+    bytes_down / bytes_up are exact payload bytes (wire.payload_bytes: arrays, numbers and strings, without keys
+    or NVFlare framing); the controller counts FOBS-serialised Shareables instead, a few hundred bytes more.
+    """
     sites = [f"site-{i}" for i in range(1, cfg["num_clients"] + 1)]
     fed = Federation(cfg, sites)
     for rnd in range(cfg["num_rounds"]):
         targets, msg = fed.start_round(rnd)
         results = {s: site_runtime(s).run_round(msg["state"], bool(msg["evaluate"])) for s in targets}
-        row = fed.finish_round(rnd, targets, results)
+        up = {s: payload_bytes(r) for s, r in results.items()}
+        row = fed.finish_round(rnd, targets, results, payload_bytes(msg), up)
         if progress:
             progress(fed.summary.progress_line(row))
     msg = fed.final_message()
