@@ -128,6 +128,14 @@ def rounds_to_90(rec: dict) -> int | None:
     return None
 
 
+def train_at_best(rec: dict) -> float | None:
+    """Global train accuracy of the prompt chosen by dev (the final one if the best round is the last)."""
+    for r in rec["rounds"]:
+        if r["round"] == rec["best"]["round"]:
+            return r["train_acc"]
+    return rec["final"]["train_acc"]
+
+
 def _ms(values: list[float], pct: bool = True) -> str:
     import numpy as np
 
@@ -158,20 +166,20 @@ def tables(records: list[dict], metas: dict, args, wall: float) -> str:
         lines += [
             f"### {split}",
             "",
-            "| method | train (final) | dev (final) | test (final) | test @ best dev | best-dev round "
-            "| rounds to 90% of final train | bytes down / client / round | bytes up / client / round |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| method | train (final) | dev (final) | test (final) | train @ best dev | test @ best dev "
+            "| best-dev round | rounds to 90% of final train | bytes down per client-round | bytes up |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         zero = [r for r in records if r["split"] == split and r["method"] == methods[0]]
         z0 = [z["rounds"][0] for z in zero]
         lines.append(
             f"| manual prompt (z = 0) | {_ms([r['train_acc'] for r in z0])} | {_ms([r['dev_acc'] for r in z0])} "
-            f"| {_ms([r['test_acc'] for r in z0])} | - | - | - | 0 | 0 |"
+            f"| {_ms([r['test_acc'] for r in z0])} | - | - | - | - | 0 | 0 |"
         )
         cz = [metas[s]["test"]["calibrated_zero_acc"] for s in seeds]
         czt = [metas[s]["train"]["calibrated_zero_acc"] for s in seeds]
         lines.append(
-            f"| calibrated zero prompt (offset ceiling) | {_ms(czt)} (pool) | - | {_ms(cz)} | - | - | - | - | - |"
+            f"| calibrated zero prompt (offset ceiling) | {_ms(czt)} (pool) | - | {_ms(cz)} | - | - | - | - | - | - |"
         )
         for m in methods:
             rs = [r for r in records if r["split"] == split and r["method"] == m]
@@ -179,7 +187,8 @@ def tables(records: list[dict], metas: dict, args, wall: float) -> str:
             up = [np.mean([x["bytes_up"] for x in r["rounds"]]) for r in rs]
             lines.append(
                 f"| {m} | {_ms([r['final']['train_acc'] for r in rs])} | {_ms([r['final']['dev_acc'] for r in rs])} "
-                f"| {_ms([r['final']['test_acc'] for r in rs])} | {_ms([r['best']['test_acc'] for r in rs])} "
+                f"| {_ms([r['final']['test_acc'] for r in rs])} | {_ms([train_at_best(r) for r in rs])} "
+                f"| {_ms([r['best']['test_acc'] for r in rs])} "
                 f"| {_ms([r['best']['round'] for r in rs], pct=False)} "
                 f"| {_ms([rounds_to_90(r) for r in rs], pct=False)} | {int(np.mean(down)):,} | {int(np.mean(up)):,} |"
             )
@@ -344,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     metas = ensure_bundles(args, seeds)
     # two jobs per (seed, split) so both workers stay busy to the end
-    jobs = [(args, s, sp, methods[i::2]) for sp in splits for s in seeds for i in range(2)]
+    jobs = [(args, s, sp, methods[i::2]) for s in seeds for sp in splits for i in range(2)]
     jobs = [j for j in jobs if j[3]]
     records: list[dict] = []
     if args.workers == 1:
@@ -356,11 +365,18 @@ def main(argv: list[str] | None = None) -> int:
         with mp.get_context("spawn").Pool(args.workers) as pool:
             for out in pool.imap_unordered(run_group, jobs):
                 records += out
+                save(records, metas, args, time.time() - t0)  # partial results survive an interrupted matrix
     wall = time.time() - t0
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "learning_runs.json"), "w") as f:
-        json.dump({"args": vars(args), "wall_seconds": wall, "bundles": metas, "records": records}, f, indent=1)
+    save(records, metas, args, wall)
     return report(records, metas, args, wall)
+
+
+def save(records: list[dict], metas: dict, args, wall: float) -> None:
+    from fedbpt.summary import atomic_write
+
+    os.makedirs(args.out, exist_ok=True)
+    data = {"args": vars(args), "wall_seconds": wall, "bundles": metas, "records": records}
+    atomic_write(os.path.join(args.out, "learning_runs.json"), json.dumps(data, indent=1).encode())
 
 
 def report(records: list[dict], metas: dict, args, wall: float) -> int:
