@@ -61,6 +61,12 @@ def preflight(cfg: dict) -> None:
 
     check_deployment_inputs(cfg)
     task = get_task(cfg["task_name"])
+    if task.name == "planted":  # synthetic: build its data and model once here, before the clients start
+        from fedbpt.planted import ensure_bundle
+
+        cfg["model_cache_dir"] = cfg["model_cache_dir"] or os.path.join(cfg["workspace"], "models")
+        ensure_bundle(cfg, cfg["model_cache_dir"])
+        return
     train = load_split(task, "train", cfg["data_dir"])
     tr, dv = k_shot_indices(train.labels, cfg["k_shot"], task.num_classes, cfg["seed"])
     partition(train.labels[tr], cfg["num_clients"], cfg["iid"], cfg["alpha_dir"], task.num_classes, cfg["seed"] + 1)

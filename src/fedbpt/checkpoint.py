@@ -238,7 +238,12 @@ def save(fed, rounds_done: int, out_dir: str) -> str:
 
 
 def is_due(rnd: int, cfg: dict) -> bool:
-    """After round ``rnd`` (0-based): every --checkpoint_every rounds, and after the last round."""
+    """After round ``rnd`` (0-based): every --checkpoint_every rounds, and after the last round.
+
+    Only FedBPT's server CMA-ES is checkpointed; the baseline aggregations (bench tools) are not.
+    """
+    if cfg.get("aggregation", "fedbpt") != "fedbpt":
+        return False
     every = int(cfg.get("checkpoint_every", 1))
     return every > 0 and ((rnd + 1) % every == 0 or rnd + 1 == cfg["num_rounds"])
 

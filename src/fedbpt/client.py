@@ -7,6 +7,7 @@ everything here can be rebuilt from the config and the site name alone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -15,7 +16,9 @@ import time
 import numpy as np
 
 from fedbpt.data import load_split
-from fedbpt.search import LocalObjective, derive_seed, evaluate, local_search, perturb
+from fedbpt.planted import PLANTED, ensure_bundle
+from fedbpt.scorer import loss_and_metrics
+from fedbpt.search import GlobalState, LocalObjective, derive_seed, local_search, perturb
 from fedbpt.site import pick_device, site_settings
 from fedbpt.tasks import get_task
 from fedbpt.tiny import TINY_NAME, build_tiny_model, tiny_model_key
@@ -49,9 +52,14 @@ class SiteRuntime:
         self.local = site_settings(cfg, site, os.path.join(cache_root, "local"))  # the site's own data settings
         self.index = self.local.seed_index
         t0 = time.time()
-        full_train = load_split(self.task, "train", self.local.data_dir)
+        data_dir, model_path = self.local.data_dir, None
+        if self.task.name == PLANTED:  # a synthetic task: its data and model are built from the config
+            bundle = ensure_bundle(cfg, cache_root)
+            data_dir, model_path = bundle.data_dir, bundle.model_dir
+            self.local = dataclasses.replace(self.local, data_dir=data_dir)
+        full_train = load_split(self.task, "train", data_dir)
         data = self.local.shards(self.task, cfg, full_train)
-        model_path = resolve_model_path(cfg, full_train.texts, cache_root)
+        model_path = model_path or resolve_model_path(cfg, full_train.texts, cache_root)
         device = pick_device(cfg["device"])
         self.scorer = Scorer(
             model_path,
@@ -69,9 +77,7 @@ class SiteRuntime:
         self.dev = self.scorer.encode(data.dev)
         self.is_eval_client = site in cfg["eval_clients"].split(",")
         self.test = (
-            self.scorer.encode(load_split(self.task, self.task.test_split, self.local.data_dir))
-            if self.is_eval_client
-            else None
+            self.scorer.encode(load_split(self.task, self.task.test_split, data_dir)) if self.is_eval_client else None
         )
         log.info(
             "%s: %d train, %d dev, %s test examples (data %s, shard %s; %s); model %s on %s "
@@ -100,13 +106,17 @@ class SiteRuntime:
         return _RUNTIMES[key]
 
     def _eval(self, z: np.ndarray, name: str, enc, out: dict) -> None:
-        r = evaluate(self.scorer.label_logits, z, enc, self.cfg["loss_type"])
-        out[f"{name}_loss"] = r["loss"]
-        out[f"{name}_n"] = r["n"]
-        out[f"{name}_confusion"] = r["confusion"]
+        """One prompt (d,), or several (K, d): then confusion matrices are summed and losses averaged, so the
+        pooled accuracy is the mean over the K prompts of each one's accuracy on the union (local-only runs)."""
+        z = np.atleast_2d(z)
+        loss, conf = loss_and_metrics(self.scorer.label_logits(z, enc), enc.labels, self.cfg["loss_type"])
+        out[f"{name}_loss"] = float(loss.mean())
+        out[f"{name}_n"] = len(enc) * len(z)
+        out[f"{name}_confusion"] = conf.sum(0)
 
     def evaluate(self, z: np.ndarray, with_dev: bool) -> dict:
-        """The global prompt on this site's train shard, and (when due) its dev shard and the test set."""
+        """The global prompt (or every site's prompt, local-only) on this site's train shard, and (when due) its
+        dev shard and the test set."""
         out: dict = {}
         self._eval(z, "train", self.train, out)
         if with_dev:
@@ -122,6 +132,9 @@ class SiteRuntime:
         t0 = time.time()
         metrics = self.evaluate(state.mean, with_eval)
         t_eval = time.time() - t0
+        if state.mean.ndim == 2:  # local-only: every site's own state came along; search from this site's
+            own = str(state_msg["sites"]).split(",").index(self.site)
+            state = GlobalState(state.round, state.mean[own], float(state_msg["sigmas"][own]), None)
         perturbed = None
         if cfg["perturb"]:
             rng = np.random.default_rng([cfg["seed"], self.index, state.round, 1])

@@ -45,6 +45,7 @@ DEFAULTS: dict = {
     "data_dir": None,
     "eval_every": 1,
     "server_sigma": "paper",
+    "aggregation": "fedbpt",
     "cov_mode": "full",
     "precision": "fp32",
     "max_batch_tokens": 32768,
@@ -89,6 +90,7 @@ HELP = {
     "data_dir": "folder with local train/validation/test files in the hub schema (jsonl, csv or parquet)",
     "eval_every": "evaluate dev/test every N rounds (round 0 and the final prompt are always evaluated)",
     "server_sigma": "paper: Eq. 6 step size; reference: the NVFlare example's rule",
+    "aggregation": "fedbpt: server CMA-ES (paper); fedavg: FedAvg-BBT baseline; local: clients search alone (baseline)",
     "cov_mode": "covariance sent to clients: full (float32 triangle), diag, none",
     "precision": "fp32 | bf16 | fp16 (autocast; bf16/fp16 need CUDA)",
     "max_batch_tokens": "tokens per forward pass (candidates x examples x length); lower it if memory is short",
@@ -103,6 +105,7 @@ CHOICES = {
     "loss_type": ("ce", "hinge", "perf"),
     "cat_or_add": ("add", "cat"),
     "server_sigma": ("paper", "reference"),
+    "aggregation": ("fedbpt", "fedavg", "local"),
     "cov_mode": ("full", "diag", "none"),
     "precision": ("fp32", "bf16", "fp16"),
 }
@@ -221,6 +224,8 @@ def validate(cfg: dict) -> dict:
             raise ConfigError(f"--data_dir {cfg['data_dir']} is not a directory")
     if int(cfg["checkpoint_every"]) < 0:
         raise ConfigError(f"--checkpoint_every must be 0 (never) or more, got {cfg['checkpoint_every']}")
+    if cfg["resume"] and cfg["aggregation"] != "fedbpt":
+        raise ConfigError("--resume works with --aggregation fedbpt only (the baselines keep no checkpoint)")
     if cfg["resume"]:
         cfg["resume"] = os.path.abspath(os.path.expanduser(cfg["resume"]))
         if not os.path.isfile(cfg["resume"]):

@@ -13,12 +13,12 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fedbpt.aggregation import ServerES
+from fedbpt.baselines import make_server
 from fedbpt.checkpoint import after_round, open_run
 from fedbpt.config import clients_per_round
 from fedbpt.summary import RunSummary
 from fedbpt.tasks import get_task
-from fedbpt.wire import PayloadError, decode_update, encode_state
+from fedbpt.wire import PayloadError, decode_update, encode_state, payload_bytes
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,7 @@ class Federation:
         self.cfg = cfg
         self.sites = sorted(sites)
         self.k = min(clients_per_round(cfg), len(self.sites))
-        self.server = ServerES(
-            cfg["intrinsic_dim"], cfg["sigma"], self.k, cfg["seed"], cfg["bound"], cfg["server_sigma"]
-        )
+        self.server = make_server(cfg, self.k, self.sites)
         self.summary = RunSummary(cfg, get_task(cfg["task_name"]).metric)
         self._rng = np.random.default_rng([cfg["seed"], 7])  # client sampling, separate from every other stream
         self._t0 = 0.0
@@ -112,7 +110,9 @@ def run_in_process(
     """Run the whole federation in this process: ``site_runtime(site)`` returns that site's SiteRuntime.
 
     With ``out_dir``, checkpoints are written there as the NVFlare controller writes them; ``cfg["resume"]``
-    continues from one.
+    continues from one. bytes_down / bytes_up are exact payload bytes (wire.payload_bytes: arrays, numbers and
+    strings, without keys or NVFlare framing); the controller counts FOBS-serialised Shareables instead, a few
+    hundred bytes more.
     """
     sites = [f"site-{i}" for i in range(1, cfg["num_clients"] + 1)]
     fed = Federation(cfg, sites)
@@ -120,7 +120,8 @@ def run_in_process(
     for rnd in range(first, cfg["num_rounds"]):
         targets, msg = fed.start_round(rnd)
         results = {s: site_runtime(s).run_round(msg["state"], bool(msg["evaluate"])) for s in targets}
-        row = fed.finish_round(rnd, targets, results)
+        up = {s: payload_bytes(r) for s, r in results.items()}
+        row = fed.finish_round(rnd, targets, results, payload_bytes(msg), up)
         after_round(fed, rnd, out_dir)
         if progress:
             progress(fed.summary.progress_line(row))

@@ -106,6 +106,10 @@ TASKS: dict[str, TaskSpec] = {
         ("Yes", "Maybe", "No"),
         drop_labels=(-1,),
     ),
+    # Synthetic optimisation check (planted.py): fixed-length windows, labels planted by a hidden prompt.
+    "planted": TaskSpec(
+        "planted", "synthetic", None, "test", ("sentence",), "{sentence} It was {mask} .", ("bad", "great")
+    ),
 }
 
 

@@ -28,6 +28,9 @@ def encode_state(state: GlobalState, cov_mode: str = "full") -> dict:
         msg["cov_tri"] = state.cov[np.triu_indices(len(state.mean))].astype(np.float32)
     elif cov_mode == "diag" and state.cov is not None:
         msg["cov_diag"] = np.diag(state.cov).astype(np.float32)
+    if getattr(state, "sites", None):  # local-only: one row of ``mean`` per site (baselines.LocalStates)
+        msg["sites"] = ",".join(state.sites)
+        msg["sigmas"] = np.asarray(state.sigmas, dtype=np.float64)
     return msg
 
 
@@ -94,8 +97,15 @@ def decode_update(site: str, msg: dict, d: int, local_iter: int, bound: float = 
 
 
 def payload_bytes(msg: dict) -> int:
-    """Exact bytes of the arrays and numbers in a payload (8 per scalar), excluding framing."""
+    """Exact bytes of the arrays, numbers (8 each) and strings (UTF-8) in a payload, excluding keys and framing."""
     total = 0
     for v in msg.values():
-        total += v.nbytes if isinstance(v, np.ndarray) else payload_bytes(v) if isinstance(v, dict) else 8
+        if isinstance(v, np.ndarray):
+            total += v.nbytes
+        elif isinstance(v, dict):
+            total += payload_bytes(v)
+        elif isinstance(v, str):
+            total += len(v.encode())
+        else:
+            total += 8
     return total

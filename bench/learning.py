@@ -1,0 +1,396 @@
+"""Learning yardstick: FedBPT, its ablations and the paper's baselines on the synthetic `planted` task, in-process.
+
+    python -m bench.learning                      # the full matrix (3 seeds x 3 splits, 30 rounds, 10 clients)
+    python -m bench.learning --seeds 1 --rounds 8 # a quick look
+
+Every run goes through federation.run_in_process with client.RuntimePool (the same Federation and SiteRuntime
+code the NVFlare job runs, without the simulator's process overhead). Writes bench/results/learning.md (tables),
+bench/results/learning_runs.json (every round of every run) and figs/learning_train_acc.png.
+
+The planted task is a synthetic optimisation check (src/fedbpt/planted.py): numbers here say whether the search
+and the aggregation fit all clients' data, not how well anything understands language.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "src"))
+
+SPLITS = {
+    "IID": {"iid": True},
+    "Dir(1.0)": {"iid": False, "alpha_dir": 1.0},
+    "Dir(0.1)": {"iid": False, "alpha_dir": 0.1},
+}
+# The FedBPT base of every ablation: the reference step-size rule with the paper's perturbation (see README).
+BASE = {"aggregation": "fedbpt", "server_sigma": "reference", "perturb": True, "perturb_rate": 0.5, "cov_mode": "full"}
+METHODS = {
+    "FedAvg-BBT": {"aggregation": "fedavg", "perturb": False, "cov_mode": "none"},
+    "local-only": {"aggregation": "local", "perturb": False, "cov_mode": "none"},
+    "FedBPT": {},
+    "FedBPT, no perturbation": {"perturb": False},
+    "FedBPT, paper sigma (Eq. 6)": {"server_sigma": "paper"},
+    "FedBPT, cov diag": {"cov_mode": "diag"},
+    "FedBPT, cov none": {"cov_mode": "none"},
+}
+QUICK = ("FedAvg-BBT", "local-only", "FedBPT")
+# Options that decide a site's data and model: runs that agree on them can share a RuntimePool.
+DATA_KEYS = ("task_name", "data_dir", "seed", "num_clients", "k_shot", "iid", "alpha_dir", "n_prompt_tokens")
+
+
+def base_config(args, seed: int, split: str) -> dict:
+    from fedbpt.config import DEFAULTS, validate
+
+    cfg = dict(DEFAULTS)
+    cfg.update(
+        task_name="planted",
+        model_name="tiny-random",
+        data_dir=args.data_dir,
+        num_clients=args.clients,
+        num_rounds=args.rounds,
+        k_shot=args.k_shot,
+        n_prompt_tokens=args.n_prompt_tokens,
+        intrinsic_dim=500,
+        seed=seed,
+        torch_threads=1,
+        model_cache_dir=args.cache,
+        **SPLITS[split],
+        **BASE,
+    )
+    return validate(cfg)
+
+
+def run_group(job: tuple) -> list[dict]:
+    """All methods of one (seed, split) in one process: the sites' data and model are set up once."""
+    args, seed, split, methods = job
+    import torch
+
+    from fedbpt.client import RuntimePool
+    from fedbpt.federation import run_in_process
+
+    torch.set_num_threads(1)
+    base = base_config(args, seed, split)
+    pool = RuntimePool(base, args.cache)
+    out = []
+    for name in methods:
+        cfg = dict(base, **METHODS[name])
+        for rt in pool.runtimes.values():
+            rt.cfg = cfg  # only search options differ from the pool's config (DATA_KEYS are shared)
+        pool.cfg = cfg
+        t0 = time.time()
+        summary = run_in_process(cfg, pool)
+        rows = [
+            {
+                k: r.get(k)
+                for k in ("round", "train_acc", "train_loss", "dev_acc", "test_acc", "sigma", "bytes_down", "bytes_up")
+            }
+            for r in summary.rounds
+        ]
+        out.append(
+            {
+                "method": name,
+                "seed": seed,
+                "split": split,
+                "rounds": rows,
+                "final": {k: summary.final.get(k) for k in ("train_acc", "dev_acc", "test_acc")},
+                "best": {k: summary.best.get(k) for k in ("round", "dev_acc", "test_acc")},
+                "seconds": time.time() - t0,
+            }
+        )
+        print(
+            f"[{split} seed {seed}] {name}: final train {summary.final['train_acc']:.3f} "
+            f"test {summary.final['test_acc']:.3f} ({time.time() - t0:.0f}s)",
+            flush=True,
+        )
+    pool.close()
+    return out
+
+
+def ensure_bundles(args, seeds: list[int]) -> dict:
+    from fedbpt.planted import ensure_bundle
+
+    return {s: ensure_bundle(base_config(args, s, "IID"), args.cache).meta for s in seeds}
+
+
+# ---- analysis ---------------------------------------------------------------------------------------------------
+def rounds_to_90(rec: dict) -> int | None:
+    """First round whose global train accuracy reaches 90% of the final one."""
+    target = 0.9 * rec["final"]["train_acc"]
+    for r in rec["rounds"]:
+        if r["train_acc"] is not None and r["train_acc"] >= target:
+            return r["round"]
+    return None
+
+
+def train_at_best(rec: dict) -> float | None:
+    """Global train accuracy of the prompt chosen by dev (the final one if the best round is the last)."""
+    for r in rec["rounds"]:
+        if r["round"] == rec["best"]["round"]:
+            return r["train_acc"]
+    return rec["final"]["train_acc"]
+
+
+def _ms(values: list[float], pct: bool = True) -> str:
+    import numpy as np
+
+    v = np.array([x for x in values if x is not None], dtype=float)
+    if not len(v):
+        return "-"
+    f = 100.0 if pct else 1.0
+    if len(v) == 1:
+        return f"{f * v[0]:.1f}"
+    return f"{f * v.mean():.1f} ± {f * v.std(ddof=1):.1f}"
+
+
+def tables(records: list[dict], metas: dict, args, wall: float) -> str:
+    import numpy as np
+
+    methods = [m for m in METHODS if any(r["method"] == m for r in records)]
+    splits = [s for s in SPLITS if any(r["split"] == s for r in records)]
+    seeds = sorted({r["seed"] for r in records})
+    lines = [
+        f"Planted task (synthetic), {args.clients} clients, {args.rounds} rounds, k_shot {args.k_shot} per class, "
+        f"n = {args.n_prompt_tokens} prompt tokens, d = 500, seeds {seeds}; mean ± std over seeds "
+        f"(accuracy in %). Train = the global prompt on the union of all clients' training shards "
+        f"(local-only: mean over clients of each one's own prompt). Final = after the last round; "
+        f"best-dev = the round with the highest dev accuracy. Wall time {wall / 60:.1f} min.",
+        "",
+    ]
+    for split in splits:
+        lines += [
+            f"### {split}",
+            "",
+            "| method | train (final) | dev (final) | test (final) | train @ best dev | test @ best dev "
+            "| best-dev round | rounds to 90% of final train | bytes down per client-round | bytes up |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        zero = [r for r in records if r["split"] == split and r["method"] == methods[0]]
+        z0 = [z["rounds"][0] for z in zero]
+        lines.append(
+            f"| manual prompt (z = 0) | {_ms([r['train_acc'] for r in z0])} | {_ms([r['dev_acc'] for r in z0])} "
+            f"| {_ms([r['test_acc'] for r in z0])} | - | - | - | - | 0 | 0 |"
+        )
+        cz = [metas[s]["test"]["calibrated_zero_acc"] for s in seeds]
+        czt = [metas[s]["train"]["calibrated_zero_acc"] for s in seeds]
+        lines.append(
+            f"| calibrated zero prompt (offset ceiling) | {_ms(czt)} (pool) | - | {_ms(cz)} | - | - | - | - | - | - |"
+        )
+        for m in methods:
+            rs = [r for r in records if r["split"] == split and r["method"] == m]
+            down = [np.mean([x["bytes_down"] for x in r["rounds"]]) for r in rs]
+            up = [np.mean([x["bytes_up"] for x in r["rounds"]]) for r in rs]
+            lines.append(
+                f"| {m} | {_ms([r['final']['train_acc'] for r in rs])} | {_ms([r['final']['dev_acc'] for r in rs])} "
+                f"| {_ms([r['final']['test_acc'] for r in rs])} | {_ms([train_at_best(r) for r in rs])} "
+                f"| {_ms([r['best']['test_acc'] for r in rs])} "
+                f"| {_ms([r['best']['round'] for r in rs], pct=False)} "
+                f"| {_ms([rounds_to_90(r) for r in rs], pct=False)} | {int(np.mean(down)):,} | {int(np.mean(up)):,} |"
+            )
+        lines.append("")
+    lines += ["### Paired differences in final global train accuracy (points; same seeds and splits)", ""]
+    lines += ["| comparison | mean | min | max | n |", "|---|---|---|---|---|"]
+    pairs = [
+        ("FedBPT, cov diag", "FedBPT"),
+        ("FedBPT, cov none", "FedBPT"),
+        ("FedBPT", "FedBPT, no perturbation"),
+        ("FedBPT", "FedBPT, paper sigma (Eq. 6)"),
+        ("FedBPT", "FedAvg-BBT"),
+        ("FedBPT", "local-only"),
+    ]
+    for a, b in pairs:
+        d = []
+        for r in records:
+            if r["method"] != a:
+                continue
+            other = [o for o in records if o["method"] == b and o["seed"] == r["seed"] and o["split"] == r["split"]]
+            if other:
+                d.append(100 * (r["final"]["train_acc"] - other[0]["final"]["train_acc"]))
+        if d:
+            lines.append(f"| {a} minus {b} | {np.mean(d):+.2f} | {np.min(d):+.1f} | {np.max(d):+.1f} | {len(d)} |")
+    lines.append("")
+    lines += [
+        "### Planted tasks (one per seed)",
+        "",
+        "| seed | draws | test: zero prompt | test: calibrated zero | test label-1 share |",
+    ]
+    lines.append("|---|---|---|---|---|")
+    for s in seeds:
+        t = metas[s]["test"]
+        lines.append(
+            f"| {s} | {metas[s]['draws']} | {100 * t['zero_acc']:.1f} | {100 * t['calibrated_zero_acc']:.1f} "
+            f"| {t['label1_share']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    splits = [s for s in SPLITS if any(r["split"] == s for r in records)]
+    methods = [m for m in METHODS if any(r["method"] == m for r in records)]
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.2 * len(splits), 4.2), sharey=True, squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        for m in methods:
+            rs = [r for r in records if r["split"] == split and r["method"] == m]
+            acc = np.array([[x["train_acc"] for x in r["rounds"]] + [r["final"]["train_acc"]] for r in rs], dtype=float)
+            x = np.arange(acc.shape[1])
+            ax.plot(x, acc.mean(0), label=m, lw=1.6)
+            ax.fill_between(x, acc.min(0), acc.max(0), alpha=0.12)
+        ax.set_title(f"planted task, {split}")
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("global train accuracy (mean over seeds; band: min-max)")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def communication(d: int = 500) -> str:
+    """Bytes of each message kind at d, as payload bytes and as NVFlare FOBS-serialised Shareables."""
+    import pickle
+    import warnings
+
+    import numpy as np
+    from nvflare.apis.dxo import DXO, DataKind
+    from nvflare.app_common.decomposers import common_decomposers
+    from nvflare.fuel.utils import fobs
+
+    from fedbpt.baselines import LocalStates
+    from fedbpt.search import GlobalState, make_es
+    from fedbpt.wire import encode_state, encode_update, payload_bytes
+
+    common_decomposers.register()  # numpy arrays, as an NVFlare server or client process registers them
+
+    def fobs_bytes(msg: dict) -> int:
+        return len(fobs.dumps(DXO(data_kind=DataKind.COLLECTION, data=msg).to_shareable()))
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((d, d))
+    state = GlobalState(1, rng.standard_normal(d), 0.9, a @ a.T / d)
+    rows = []
+    for mode in ("full", "diag", "none"):
+        msg = {"state": encode_state(state, mode), "evaluate": 1}
+        rows.append((f"FedBPT down, --cov_mode {mode}", payload_bytes(msg), fobs_bytes(msg)))
+    sites = tuple(f"site-{i}" for i in range(1, 11))
+    local = LocalStates(1, rng.standard_normal((10, d)), 0.9, None, sites=sites, sigmas=np.ones(10))
+    msg = {"state": encode_state(local, "none"), "evaluate": 1}
+    rows.append(("local-only down (all 10 prompts, for the union evaluation)", payload_bytes(msg), fobs_bytes(msg)))
+    up = encode_update(
+        rng.standard_normal(d),
+        0.5,
+        np.ones(8),
+        5,
+        8,
+        seconds_search=1.0,
+        seconds_eval=0.1,
+        train_loss=0.5,
+        train_n=8,
+        train_confusion=np.zeros((2, 2), dtype=np.int64),
+    )
+    rows.append(("every method up (mean, fitness, 8 sigmas, train metrics)", payload_bytes(up), fobs_bytes(up)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        es = make_es(np.zeros(d), 1.0, 10, 1, 0.0)
+        es.tell(es.ask(), list(range(10)))
+    rows.append(("pickled pycma CMAEvolutionStrategy (cma 4.5, d = 500, after one tell)", len(pickle.dumps(es)), None))
+    lines = ["| message (d = 500) | payload bytes | FOBS Shareable bytes |", "|---|---|---|"]
+    for name, p, f in rows:
+        lines.append(f"| {name} | {p:,} | {f:,} |" if f is not None else f"| {name} | {p:,} | - |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=3, help="seeds 1..N (default 3)")
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--k_shot", type=int, default=40, help="examples per class in train (and again in dev)")
+    p.add_argument("--n_prompt_tokens", type=int, default=20)
+    p.add_argument("--splits", default=",".join(SPLITS), help=f"comma-separated subset of {','.join(SPLITS)}")
+    p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
+    p.add_argument("--workers", type=int, default=2, help="processes (one torch thread each)")
+    default_data = os.path.join(ROOT, "..", "shared", "data", "sst2")
+    p.add_argument(
+        "--data_dir",
+        default=default_data if os.path.isdir(default_data) else None,
+        help="sentences for the windows (default ../shared/data/sst2; generated text if absent)",
+    )
+    p.add_argument("--cache", default="/tmp/fedbpt-bench-cache", help="where planted bundles are built")
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--figs", default=os.path.join(ROOT, "figs"))
+    p.add_argument("--report_only", action="store_true", help="redo tables and plot from OUT/learning_runs.json")
+    args = p.parse_args(argv)
+    if args.report_only:
+        with open(os.path.join(args.out, "learning_runs.json")) as f:
+            saved = json.load(f)
+        for k, v in saved["args"].items():
+            if k not in ("out", "figs", "report_only"):
+                setattr(args, k, v)
+        metas = {int(k): v for k, v in saved["bundles"].items()}
+        return report(saved["records"], metas, args, saved["wall_seconds"])
+    splits = [s.strip() for s in args.splits.split(",")]
+    bad = [s for s in splits if s not in SPLITS]
+    if bad or args.seeds < 1 or args.rounds < 1 or args.workers < 1:
+        print(
+            f"error: --splits must name {', '.join(SPLITS)}; --seeds/--rounds/--workers must be >= 1", file=sys.stderr
+        )
+        return 2
+    if args.data_dir:
+        args.data_dir = os.path.abspath(args.data_dir)
+    seeds = list(range(1, args.seeds + 1))
+    methods = list(QUICK if args.quick else METHODS)
+    t0 = time.time()
+    metas = ensure_bundles(args, seeds)
+    # two jobs per (seed, split) so both workers stay busy to the end
+    jobs = [(args, s, sp, methods[i::2]) for s in seeds for sp in splits for i in range(2)]
+    jobs = [j for j in jobs if j[3]]
+    records: list[dict] = []
+    if args.workers == 1:
+        for j in jobs:
+            records += run_group(j)
+    else:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(args.workers) as pool:
+            for out in pool.imap_unordered(run_group, jobs):
+                records += out
+                save(records, metas, args, time.time() - t0)  # partial results survive an interrupted matrix
+    wall = time.time() - t0
+    save(records, metas, args, wall)
+    return report(records, metas, args, wall)
+
+
+def save(records: list[dict], metas: dict, args, wall: float) -> None:
+    from fedbpt.summary import atomic_write
+
+    os.makedirs(args.out, exist_ok=True)
+    data = {"args": vars(args), "wall_seconds": wall, "bundles": metas, "records": records}
+    atomic_write(os.path.join(args.out, "learning_runs.json"), json.dumps(data, indent=1).encode())
+
+
+def report(records: list[dict], metas: dict, args, wall: float) -> int:
+    text = "## Learning yardstick results\n\n" + tables(records, metas, args, wall)
+    text += "\n## Communication per client per round\n\n" + communication()
+    with open(os.path.join(args.out, "learning.md"), "w") as f:
+        f.write(text)
+    plot(records, os.path.join(args.figs, "learning_train_acc.png"))
+    print(text)
+    print(
+        f"wall time {wall:.0f}s; wrote {args.out}/learning.md, learning_runs.json, {args.figs}/learning_train_acc.png"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
