@@ -78,6 +78,7 @@ def test_every_option_has_help():
         (["--num_clients", "3", "--eval_clients", "site-7"], "site-1..site-3"),
         (["--perturb", "1", "--loss_type", "perf"], "--perturb 0"),
         (["--frac", "1.5"], "--frac"),
+        (["--local_popsize", "2"], "--local_popsize"),
         (["--bogus"], "--help"),
         (["--config", "configs/missing.yaml"], "--config"),
         (["--data_dir", "/nonexistent/dir"], "--data_dir"),

@@ -195,8 +195,8 @@ def validate(cfg: dict) -> dict:
     for key in positive:
         if int(cfg[key]) < 1:
             raise ConfigError(f"--{key} must be at least 1, got {cfg[key]}")
-    if int(cfg["local_popsize"]) < 2:
-        raise ConfigError(f"--local_popsize must be at least 2, got {cfg['local_popsize']}")
+    if int(cfg["local_popsize"]) < 3:  # pycma's TPA (d >= 300) needs a mirrored pair plus one sample
+        raise ConfigError(f"--local_popsize must be at least 3, got {cfg['local_popsize']}")
     n = int(cfg["num_clients"])
     cfg["min_clients"] = n if cfg["min_clients"] is None else int(cfg["min_clients"])
     if not 1 <= cfg["min_clients"] <= n:
