@@ -120,3 +120,13 @@ def rss_bytes(field: str = "VmHWM") -> int:
     """VmHWM (peak since the last reset) or VmRSS (now), in bytes."""
     with open("/proc/self/status") as f:
         return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1)) * 1024
+
+
+def write_json(path: str, data) -> None:
+    """Write a result file atomically (write, then rename): a killed benchmark leaves no half-written result."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+    print(f"wrote {path}")

@@ -21,6 +21,7 @@ import tempfile
 import time
 
 import numpy as np
+from common import write_json  # noqa: I001  (run as a script: bench/ is on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -94,12 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| round 0 overhead (runtime start-up) | {result['overhead_round0_s']:.2f} |\n"
         f"| job.py wall time | {wall:.1f} |\n\nload before {load_before}, after {result['load_after']}"
     )
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
     return 0
 
 

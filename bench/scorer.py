@@ -25,14 +25,13 @@ Prints a table and writes JSON (default bench/results/scorer.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
 
 import numpy as np
-from common import SHAPES, add_src_path, build_shape_model, peak_rss_reset, rss_bytes, sst2_split  # noqa: I001
+from common import SHAPES, add_src_path, build_shape_model, peak_rss_reset, rss_bytes, sst2_split, write_json  # noqa: I001
 
 GB = 1e9
 
@@ -349,12 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_after": os.getloadavg(),
     }
     print_table(results)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+    write_json(args.out, results)
     sc.close()
     return 0
 
