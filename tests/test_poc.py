@@ -75,6 +75,21 @@ def wait_finished(dep: PocDeployment, session, job_id: str) -> dict:
     raise AssertionError(f"job {job_id} did not finish in {JOB_TIMEOUT}s")
 
 
+def run_to_completion(dep: PocDeployment, job_dir: str, tmp_path) -> tuple[dict, str]:
+    """Submit, wait until it finished completed, download: (the summary, the downloaded server workspace)."""
+    session = dep.session()
+    try:
+        job_id = session.submit_job(job_dir)
+        meta = wait_finished(dep, session, job_id)
+        result = session.download_job_result(job_id, str(tmp_path / "download"))
+    finally:
+        session.close()
+    assert meta["status"] == "FINISHED:COMPLETED", meta
+    workspace = os.path.join(result, "workspace")
+    with open(os.path.join(workspace, "fedbpt_summary.json")) as f:
+        return json.load(f), workspace
+
+
 def in_process(data: str, rounds: int, cache: str):
     from fedbpt.client import RuntimePool
     from fedbpt.config import resolve
@@ -88,20 +103,11 @@ def test_exported_job_runs_on_a_poc_deployment(poc, tmp_path):
     dep, data = poc
     job_dir = export(tmp_path, "--num_rounds", "2")
     t0 = time.time()
-    session = dep.session()
-    try:
-        job_id = session.submit_job(job_dir)
-        meta = wait_finished(dep, session, job_id)
-        t_job = time.time() - t0
-        result = session.download_job_result(job_id, str(tmp_path / "download"))
-    finally:
-        session.close()
-    print(f"\nPOC: prepare {dep.timings['prepare']:.1f}s, start {dep.timings['start']:.1f}s, 2-round job {t_job:.1f}s")
-
-    assert meta["status"] == "FINISHED:COMPLETED", meta
-    workspace = os.path.join(result, "workspace")
-    with open(os.path.join(workspace, "fedbpt_summary.json")) as f:
-        summary = json.load(f)
+    summary, workspace = run_to_completion(dep, job_dir, tmp_path)
+    print(
+        f"\nPOC: prepare {dep.timings['prepare']:.1f}s, start {dep.timings['start']:.1f}s, "
+        f"2-round job {time.time() - t0:.1f}s"
+    )
     assert summary["status"] == "completed"
     assert [r["round"] for r in summary["rounds"]] == [0, 1]
     assert all(r["clients"] == ["site-1", "site-2"] and not r["missing"] for r in summary["rounds"])
@@ -149,19 +155,9 @@ def test_run_resumes_after_the_server_is_stopped(poc, tmp_path):
     t0 = time.time()
     dep.start()
     t_restart = time.time() - t0
-    session = dep.session()
-    try:
-        job_id = session.submit_job(export(tmp_path / "resume", "--num_rounds", str(done + 2), "--resume", saved))
-        meta = wait_finished(dep, session, job_id)
-        result = session.download_job_result(job_id, str(tmp_path / "download"))
-    finally:
-        session.close()
+    job_dir = export(tmp_path / "resume", "--num_rounds", str(done + 2), "--resume", saved)
+    summary, workspace = run_to_completion(dep, job_dir, tmp_path)
     print(f"\nPOC: stopped after {done} rounds in {t_stop:.1f}s, restarted in {t_restart:.1f}s")
-
-    assert meta["status"] == "FINISHED:COMPLETED", meta
-    workspace = os.path.join(result, "workspace")
-    with open(os.path.join(workspace, "fedbpt_summary.json")) as f:
-        summary = json.load(f)
     assert summary["status"] == "completed" and [r["round"] for r in summary["rounds"]] == list(range(done + 2))
     assert summary["rounds"][:done] == stopped["rounds"][:done]
     local = in_process(data, done + 2, str(tmp_path / "cache"))

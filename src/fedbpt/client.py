@@ -17,8 +17,7 @@ import numpy as np
 
 from fedbpt.data import load_split
 from fedbpt.planted import PLANTED, ensure_bundle
-from fedbpt.scorer import loss_and_metrics
-from fedbpt.search import GlobalState, LocalObjective, derive_seed, local_search, perturb
+from fedbpt.search import GlobalState, LocalObjective, derive_seed, evaluate, local_search, perturb
 from fedbpt.site import pick_device, site_settings
 from fedbpt.tasks import get_task
 from fedbpt.tiny import TINY_NAME, build_tiny_model, tiny_model_key
@@ -106,13 +105,8 @@ class SiteRuntime:
         return _RUNTIMES[key]
 
     def _eval(self, z: np.ndarray, name: str, enc, out: dict) -> None:
-        """One prompt (d,), or several (K, d): then confusion matrices are summed and losses averaged, so the
-        pooled accuracy is the mean over the K prompts of each one's accuracy on the union (local-only runs)."""
-        z = np.atleast_2d(z)
-        loss, conf = loss_and_metrics(self.scorer.label_logits(z, enc), enc.labels, self.cfg["loss_type"])
-        out[f"{name}_loss"] = float(loss.mean())
-        out[f"{name}_n"] = len(enc) * len(z)
-        out[f"{name}_confusion"] = conf.sum(0)
+        r = evaluate(self.scorer.label_logits, z, enc, self.cfg["loss_type"])
+        out[f"{name}_loss"], out[f"{name}_n"], out[f"{name}_confusion"] = r["loss"], r["n"], r["confusion"]
 
     def evaluate(self, z: np.ndarray, with_dev: bool) -> dict:
         """The global prompt (or every site's prompt, local-only) on this site's train shard, and (when due) its

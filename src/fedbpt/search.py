@@ -158,7 +158,11 @@ def local_search(
 
 
 def evaluate(logits_fn: Callable, z: np.ndarray, enc: Encoded, loss_type: str) -> dict:
-    """Loss and confusion matrix of one prompt on one encoded set (for dev, test and the global train fit)."""
-    logits = logits_fn(np.atleast_2d(z), enc)
-    loss, conf = loss_and_metrics(logits, enc.labels, loss_type)
-    return {"loss": float(loss[0]), "n": len(enc), "confusion": conf[0]}
+    """Loss and confusion matrix of a prompt (d,) on one encoded set (dev, test, the global train fit).
+
+    Several prompts (K, d) give the summed confusion matrix and the mean loss, so the pooled accuracy is the
+    mean over the K prompts of each one's accuracy (local-only runs evaluate every site's prompt this way).
+    """
+    z = np.atleast_2d(z)
+    loss, conf = loss_and_metrics(logits_fn(z, enc), enc.labels, loss_type)
+    return {"loss": float(loss.mean()), "n": len(enc) * len(z), "confusion": conf.sum(0)}
