@@ -102,6 +102,16 @@ def test_padding_and_grouping_do_not_change_scores(make_scorer):
     assert_rel_close(sc.label_logits(z, subset(enc, perm)), grouped[:, perm])
 
 
+def test_eager_attention_gives_the_sdpa_scores(make_scorer):
+    """--attn_implementation eager (faster for tiny models on CPU) changes the kernel, not the numbers."""
+    sdpa = make_scorer()
+    eager = make_scorer(attn_implementation="eager")
+    assert eager.model.config._attn_implementation == "eager" and sdpa.model.config._attn_implementation == "sdpa"
+    enc = sdpa.encode(examples(10, seed=4))
+    z = candidates(3, seed=7)
+    assert_rel_close(eager.label_logits(z, enc), sdpa.label_logits(z, enc))
+
+
 def test_memory_cap_splits_passes_without_changing_scores(make_scorer):
     roomy = make_scorer(max_batch_tokens=1 << 20)
     enc = roomy.encode(examples(11, seed=3))

@@ -3,8 +3,18 @@
 import numpy as np
 import pytest
 
+from fedbpt import search
 from fedbpt.scorer import Encoded, loss_and_metrics
-from fedbpt.search import GlobalState, LocalObjective, derive_seed, local_search, make_es, perturb, set_covariance
+from fedbpt.search import (
+    GlobalState,
+    LocalObjective,
+    cached_eigh,
+    derive_seed,
+    local_search,
+    make_es,
+    perturb,
+    set_covariance,
+)
 
 VOCAB = np.arange(10, 1000)
 
@@ -119,3 +129,34 @@ def test_the_global_covariance_reaches_the_local_es():
     es_diag = make_es(np.zeros(6), 1.0, 5, seed=1, bound=0.0)
     set_covariance(es_diag, np.arange(1.0, 7.0))
     np.testing.assert_allclose(es_diag.sm.C, np.diag(np.arange(1.0, 7.0)))
+
+
+def _spd(d: int, seed: int = 0) -> np.ndarray:
+    m = np.random.default_rng(seed).normal(size=(d, d))
+    return m @ m.T / d + np.eye(d)
+
+
+def test_cached_eigh_is_numpys_eigh_and_hands_out_copies():
+    c = _spd(7)
+    w_ref, v_ref = np.linalg.eigh(c)
+    w, v = cached_eigh(c)
+    assert np.array_equal(w, w_ref) and np.array_equal(v, v_ref)
+    w *= 4.0  # pycma rescales D in place: the cached decomposition must not change with it
+    v[:] = 0.0
+    w2, v2 = cached_eigh(c.copy())
+    assert np.array_equal(w2, w_ref) and np.array_equal(v2, v_ref)
+    other = _spd(7, seed=1)
+    assert not np.array_equal(cached_eigh(other)[0], w_ref)  # another matrix is not served the cached result
+
+
+def test_sites_sharing_a_process_search_as_if_alone():
+    """Ten sites in one process decompose the shared covariance once; each result equals a fresh process's."""
+    obj = LocalObjective(_fake_logits(np.linspace(-1, 1, 8)), _encoded(n=20), "ce")
+    state = _state(cov=_spd(8, seed=3))
+    search._EIGH_CACHE.clear()
+    alone = [local_search(state, obj, 5, 4, seed=derive_seed(1, s, 3)) for s in range(3)]
+    assert len(search._EIGH_CACHE) >= 1
+    for s, first in enumerate(alone):
+        search._EIGH_CACHE.clear()
+        again = local_search(state, obj, 5, 4, seed=derive_seed(1, s, 3))
+        assert np.array_equal(first.mean, again.mean) and np.array_equal(first.sigmas, again.sigmas)

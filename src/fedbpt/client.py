@@ -71,6 +71,7 @@ class SiteRuntime:
             device,
             cfg["precision"],
             cfg["max_batch_tokens"],
+            cfg["attn_implementation"],
         )
         self.train = self.scorer.encode(data.train)
         self.dev = self.scorer.encode(data.dev)

@@ -61,9 +61,9 @@ class Encoded:
         return Encoded(ids, self.text_mask, self.mask_pos, self.labels, self.dropped)
 
 
-def load_model(model_path: str, device: str) -> tuple:
+def load_model(model_path: str, device: str, attn_implementation: str = "sdpa") -> tuple:
     """Load tokenizer and frozen MLM once per process (executors may be rebuilt; the process stays)."""
-    key = (model_path, device)
+    key = (model_path, device, attn_implementation)
     if key not in _MODEL_CACHE:
         import torch
         from transformers import AutoModelForMaskedLM, AutoTokenizer
@@ -81,7 +81,7 @@ def load_model(model_path: str, device: str) -> tuple:
             )
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_path)
-            model = AutoModelForMaskedLM.from_pretrained(model_path, attn_implementation="sdpa")
+            model = AutoModelForMaskedLM.from_pretrained(model_path, attn_implementation=attn_implementation)
         except OSError as exc:
             where = "local folder" if is_local else "Hugging Face hub id"
             raise ConfigError(
@@ -128,6 +128,7 @@ class Scorer:
         device: str = "cpu",
         precision: str = "fp32",
         max_batch_tokens: int = 32768,
+        attn_implementation: str = "sdpa",
     ) -> None:
         import torch
 
@@ -141,7 +142,7 @@ class Scorer:
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         if self.autocast_dtype is not None and self.device.type != "cuda":
             raise ConfigError(f"--precision {precision} needs a CUDA device: use --precision fp32 on {device}")
-        self.tokenizer, self.model = load_model(model_path, device)
+        self.tokenizer, self.model = load_model(model_path, device, attn_implementation)
         tok = self.tokenizer
         if tok.mask_token_id is None:
             raise ConfigError(f"model '{model_path}' has no mask token: FedBPT needs a masked LM")
@@ -282,9 +283,16 @@ class Scorer:
 
     # ---- scoring --------------------------------------------------------------------------------------
     def _padded(self, enc: Encoded, idx: np.ndarray):
-        """(ids, attention mask) of the examples ``idx``, padded to their own longest."""
+        """(ids, attention mask) of the examples ``idx``, padded to their own longest.
+
+        The mask is None when no row is padded: the model attends everywhere either way, and skipping the mask
+        saves its construction in every layer (17% of a tiny model's forward pass with eager attention).
+        """
         torch = self.torch
         longest = int(enc.lengths[idx].max())
+        if int(enc.lengths[idx].min()) == longest:
+            ids = np.stack([enc.ids[j] for j in idx]).astype(np.int64, copy=False)
+            return torch.from_numpy(ids).to(self.device), None
         ids = np.full((len(idx), longest), self.tokenizer.pad_token_id, dtype=np.int64)
         att = np.zeros((len(idx), longest), dtype=np.int64)
         for r, j in enumerate(idx):
@@ -316,7 +324,8 @@ class Scorer:
                     ids, att = self._padded(enc, idx)
                     b = len(idx)
                     rows = p.repeat_interleave(b, dim=0)  # candidate-major: row = c * b + example
-                    ids_r, att_r = ids.repeat(cc, 1), att.repeat(cc, 1)
+                    ids_r = ids.repeat(cc, 1)
+                    att_r = att.repeat(cc, 1) if att is not None else None
                     mpos = torch.as_tensor(enc.mask_pos[idx], device=self.device).repeat(cc)
                     with self.prompt(rows):
                         logits = self._mask_logits(ids_r, att_r, mpos)
