@@ -42,10 +42,10 @@ def fake_round(fed: Federation, rnd: int) -> None:
             "sigmas": rng.uniform(0.2, 1.5, size=ITERS),
             "popsize": 5,
             "n_train": 3,
-            "dev_n": 4,
             "dev_loss": float(rng.random()),
             "dev_confusion": rng.integers(0, 3, size=(2, 2)),
         }
+        results[s]["dev_n"] = int(results[s]["dev_confusion"].sum())  # the server checks the counts agree
     fed.finish_round(rnd, targets, results)
     np.random.rand(5)  # other users of numpy's global generator (in-process local searches) advance it
 

@@ -18,7 +18,7 @@ from fedbpt.checkpoint import after_round, open_run
 from fedbpt.config import clients_per_round
 from fedbpt.summary import RunSummary
 from fedbpt.tasks import get_task
-from fedbpt.wire import PayloadError, decode_update, encode_state, payload_bytes
+from fedbpt.wire import PayloadError, decode_eval, decode_update, encode_state, payload_bytes
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,9 @@ class Federation:
         self.sites = sorted(sites)
         self.k = min(clients_per_round(cfg), len(self.sites))
         self.server = make_server(cfg, self.k, self.sites)
-        self.summary = RunSummary(cfg, get_task(cfg["task_name"]).metric)
+        task = get_task(cfg["task_name"])
+        self.num_labels = task.num_classes
+        self.summary = RunSummary(cfg, task.metric)
         self._rng = np.random.default_rng([cfg["seed"], 7])  # client sampling, separate from every other stream
         self._t0 = 0.0
         self._state = None
@@ -49,16 +51,21 @@ class Federation:
     def finish_round(
         self, rnd: int, targets: list[str], results: dict, bytes_down: int = 0, bytes_up: dict | None = None
     ) -> dict:
-        """Validate the uploads, aggregate, record the round. ``results``: site -> payload dict."""
+        """Validate the uploads, aggregate, record the round. ``results``: site -> payload dict.
+
+        A malformed evaluation report rejects the whole upload, as a malformed search result does: either means a
+        broken or hostile client.
+        """
         cfg = self.cfg
         updates, evals = [], {}
         for site, payload in sorted(results.items()):
             try:
-                updates.append(decode_update(site, payload, cfg["intrinsic_dim"], cfg["local_iter"], cfg["bound"]))
+                update = decode_update(site, payload, cfg["intrinsic_dim"], cfg["local_iter"], cfg["bound"])
+                evals[site] = decode_eval(payload, self.num_labels, cfg["loss_type"])
             except PayloadError as exc:
                 log.error("round %d: rejected the update of %s: %s", rnd, site, exc)
                 continue
-            evals[site] = payload
+            updates.append(update)
         missing = sorted(set(targets) - {u.site for u in updates})
         if missing:
             log.warning("round %d: no usable update from %s", rnd, ", ".join(missing))
@@ -84,7 +91,7 @@ class Federation:
             median_fitness=float(np.median(fits)),
             clipped=info.clipped,
             seconds=time.time() - self._t0,
-            client_seconds={s: _work_seconds(p) for s, p in evals.items()},  # model work: the rest is orchestration
+            client_seconds={s: _work_seconds(results[s]) for s in evals},  # model work: the rest is orchestration
             bytes_down=int(bytes_down),
             bytes_up=int(np.mean(up)) if up else 0,
         )
@@ -94,7 +101,14 @@ class Federation:
         return {"state": encode_state(self._state, "none")}
 
     def finish(self, results: dict) -> dict:
-        return self.summary.add_final(self.cfg["num_rounds"], self._state.mean, results)
+        """Record the final evaluation; a malformed report is dropped (there is no search state to protect)."""
+        evals = {}
+        for site, payload in sorted(results.items()):
+            try:
+                evals[site] = decode_eval(payload, self.num_labels, self.cfg["loss_type"])
+            except PayloadError as exc:
+                log.error("final evaluation: dropped the report of %s: %s", site, exc)
+        return self.summary.add_final(self.cfg["num_rounds"], self._state.mean, evals)
 
 
 def _work_seconds(payload: dict) -> float:

@@ -93,7 +93,56 @@ def decode_update(site: str, msg: dict, d: int, local_iter: int, bound: float = 
     if popsize < 2:
         raise PayloadError(f"'popsize' must be at least 2, got {popsize}")
     n_train = int(_finite_number(msg, "n_train")) if "n_train" in msg else 1
+    for key in ("seconds_search", "seconds_eval"):  # timings go into the run record
+        if key in msg and _finite_number(msg, key) < 0:
+            raise PayloadError(f"'{key}' is negative")
     return ClientUpdate(site, mean.astype(np.float64), fitness, sigmas.astype(np.float64), popsize, max(1, n_train))
+
+
+EVAL_SPLITS = ("train", "dev", "test")
+MAX_COUNT = 2**53  # summed over sites in int64 and divided in float64: counts stay exact far below overflow
+
+
+def decode_eval(msg: dict, num_labels: int, loss_type: str = "ce") -> dict:
+    """The evaluation reports in a site's upload, checked; raise PayloadError naming the field.
+
+    summary.pooled sums these over sites: a wrong-shaped confusion matrix would stop the server, and NaN,
+    negative or inconsistent counts would skew the logged global metrics. Only the three keys of each reported
+    split come back. Well-formed but false numbers cannot be detected here. ``perf`` loss is minus the accuracy,
+    so it lies in [-1, 0]; ``ce`` and ``hinge`` are non-negative.
+    """
+    if not isinstance(msg, dict):
+        raise PayloadError(f"payload is {type(msg).__name__}, not a dict")
+    out: dict = {}
+    for split in EVAL_SPLITS:
+        keys = [f"{split}_loss", f"{split}_n", f"{split}_confusion"]
+        present = [k for k in keys if k in msg]
+        if not present:
+            continue
+        if len(present) < len(keys):
+            missing = ", ".join(f"'{k}'" for k in keys if k not in msg)
+            raise PayloadError(f"'{present[0]}' came without {missing}")
+        loss_key, n_key, conf_key = keys
+        n = msg[n_key]
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n < MAX_COUNT:
+            raise PayloadError(f"'{n_key}' must be an integer in [0, 2**53), got {n!r}"[:200])
+        n = int(n)
+        conf = msg[conf_key]
+        if not isinstance(conf, np.ndarray) or not np.issubdtype(conf.dtype, np.integer):
+            raise PayloadError(f"'{conf_key}' must be an integer array, got {getattr(conf, 'dtype', type(conf))}")
+        if conf.shape != (num_labels, num_labels):
+            raise PayloadError(f"'{conf_key}' must have shape ({num_labels}, {num_labels}), got {conf.shape}")
+        if np.any(conf < 0):
+            raise PayloadError(f"'{conf_key}' has negative counts")
+        total = sum(int(v) for v in conf.ravel())  # Python ints: a hostile uint64 cannot wrap the sum around
+        if total != n:
+            raise PayloadError(f"'{conf_key}' counts {total} predictions but '{n_key}' is {n}")
+        loss = _finite_number(msg, loss_key)
+        low, high = (-1.0, 0.0) if loss_type == "perf" else (0.0, np.inf)
+        if not low <= loss <= high:
+            raise PayloadError(f"'{loss_key}' {loss!r} is outside [{low}, {high}] for --loss_type {loss_type}")
+        out[loss_key], out[n_key], out[conf_key] = loss, n, conf.astype(np.int64)
+    return out
 
 
 def payload_bytes(msg: dict) -> int:
