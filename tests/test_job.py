@@ -54,8 +54,8 @@ def test_simulator_run_writes_a_complete_summary(three_clients):
             assert 0.0 <= r[key] <= 1.0
         assert r["sigma"] > 0 and np.isfinite(r["best_fitness"]) and r["seconds"] > 0
         assert r["best_fitness"] <= r["median_fitness"]
-        # the default --cov_mode none sends mean (d float64) and sigma; the upload carries the mean too
-        assert r["bytes_down"] > 20 * 8 and r["bytes_up"] > 20 * 8
+        # the default --cov_mode diag sends mean (d float64), sigma and the diagonal (d float32); the upload the mean
+        assert r["bytes_down"] > 20 * 8 + 20 * 4 and r["bytes_up"] > 20 * 8
         assert r["bytes_down"] < 20 * 21 // 2 * 4  # no covariance triangle on the wire
         assert f"round {r['round']}/3" in log  # one progress line per round
     final = summary["final"]

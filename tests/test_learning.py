@@ -33,6 +33,7 @@ def small_config(seed: int, cache: str, **overrides) -> dict:
         intrinsic_dim=500,
         server_sigma="reference",
         perturb=True,
+        cov_mode="full",
         seed=seed,
         torch_threads=1,
         model_cache_dir=cache,
@@ -130,3 +131,16 @@ def test_small_fedbpt_run_fits_planted_labels_well_above_the_zero_prompt(cache):
     zero = summary.rounds[0]["train_acc"]
     final = summary.final["train_acc"]
     assert final - zero >= MIN_GAIN, (zero, final)
+
+
+def test_test_set_scored_only_at_the_end_gives_the_same_run_and_best_test(cache):
+    """--test_eval end leaves the test set alone during training and scores the best-dev prompt at the end: the
+    search, the best round and its test accuracy are those of a run that scores the test set every round."""
+    every = small_run(2, cache, num_rounds=5)
+    end = small_run(2, cache, num_rounds=5, test_eval="end")
+    assert all(r["test_acc"] is not None for r in every.rounds)
+    assert all(r["test_acc"] is None for r in end.rounds)
+    assert np.array_equal(end.final_z, every.final_z) and np.array_equal(end.best_z, every.best_z)
+    assert end.best["round"] == every.best["round"] < 5, "the best-dev prompt must be an earlier round's here"
+    assert end.best["test_acc"] == every.best["test_acc"] is not None
+    assert end.final["test_acc"] == every.final["test_acc"]

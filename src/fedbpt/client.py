@@ -109,15 +109,22 @@ class SiteRuntime:
         r = evaluate(self.scorer.label_logits, z, enc, self.cfg["loss_type"])
         out[f"{name}_loss"], out[f"{name}_n"], out[f"{name}_confusion"] = r["loss"], r["n"], r["confusion"]
 
-    def evaluate(self, z: np.ndarray, with_dev: bool) -> dict:
+    def evaluate(self, z: np.ndarray, with_dev: bool, with_test: bool = True) -> dict:
         """The global prompt (or every site's prompt, local-only) on this site's train shard, and (when due) its
-        dev shard and the test set."""
+        dev shard and, on eval clients, the test set."""
         out: dict = {}
         self._eval(z, "train", self.train, out)
         if with_dev:
             self._eval(z, "dev", self.dev, out)
-            if self.test is not None:
+            if with_test and self.test is not None:
                 self._eval(z, "test", self.test, out)
+        return out
+
+    def final_evaluate(self, msg: dict) -> dict:
+        """The final prompt on train, dev and test; with --test_eval end also the best-dev prompt on test."""
+        out = self.evaluate(msg["state"]["mean"], with_dev=True)
+        if "best_mean" in msg and self.test is not None:
+            self._eval(np.asarray(msg["best_mean"], dtype=np.float64), "best_test", self.test, out)
         return out
 
     def run_round(self, state_msg: dict, with_eval: bool, should_stop=None) -> dict:
@@ -125,7 +132,7 @@ class SiteRuntime:
         cfg = self.cfg
         state = decode_state(state_msg)
         t0 = time.time()
-        metrics = self.evaluate(state.mean, with_eval)
+        metrics = self.evaluate(state.mean, with_eval, with_test=cfg["test_eval"] == "rounds")
         t_eval = time.time() - t0
         if state.mean.ndim == 2:  # local-only: every site's own state came along; search from this site's
             own = str(state_msg["sites"]).split(",").index(self.site)

@@ -47,7 +47,7 @@ class FedBPTExecutor(Executor):
             elif task_name == TASK_SETUP:
                 out = {"train_n": len(runtime.train)}
             elif task_name == TASK_EVAL:
-                out = runtime.evaluate(msg["state"]["mean"], with_dev=True)
+                out = runtime.final_evaluate(msg)
             else:
                 self.log_error(fl_ctx, f"unknown task {task_name}")
                 return make_reply(ReturnCode.TASK_UNKNOWN)

@@ -97,8 +97,12 @@ class Federation:
         )
 
     def final_message(self) -> dict:
+        """The final prompt; with --test_eval end also the best-dev prompt, the one the test set is scored for."""
         self._state = self.server.state(self.cfg["num_rounds"])
-        return {"state": encode_state(self._state, "none")}
+        msg = {"state": encode_state(self._state, "none")}
+        if self.cfg["test_eval"] == "end" and self.summary.best_z is not None:
+            msg["best_mean"] = np.asarray(self.summary.best_z, dtype=np.float64)
+        return msg
 
     def finish(self, results: dict) -> dict:
         """Record the final evaluation; a malformed report is dropped (there is no search state to protect)."""
@@ -140,7 +144,7 @@ def run_in_process(
         if progress:
             progress(fed.summary.progress_line(row))
     msg = fed.final_message()
-    row = fed.finish({s: site_runtime(s).evaluate(msg["state"]["mean"], with_dev=True) for s in sites})
+    row = fed.finish({s: site_runtime(s).final_evaluate(msg) for s in sites})
     if progress:
         progress(fed.summary.progress_line(row))
     return fed.summary

@@ -286,7 +286,8 @@ class Scorer:
         """(ids, attention mask) of the examples ``idx``, padded to their own longest.
 
         The mask is None when no row is padded: the model attends everywhere either way, and skipping the mask
-        saves its construction in every layer (17% of a tiny model's forward pass with eager attention).
+        saves building and applying it (tiny model, eager attention, 80 x 40 tokens: 7.7 instead of 9.0 ms; no change
+        with SDPA).
         """
         torch = self.torch
         longest = int(enc.lengths[idx].max())

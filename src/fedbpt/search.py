@@ -111,7 +111,7 @@ def cached_eigh(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     with --threads < --num_clients, in-process runs) the O(d^3) decomposition (33 ms at d = 500) is done once.
     The result is bit-identical to a fresh call; copies are returned because pycma rescales them in place.
     """
-    key = hashlib.blake2b(np.ascontiguousarray(c).tobytes(), digest_size=16).digest() + str(c.shape).encode()
+    key = hashlib.sha256(np.ascontiguousarray(c).tobytes()).digest() + str(c.shape).encode()
     if key not in _EIGH_CACHE:
         _EIGH_CACHE[key] = np.linalg.eigh(c)
         while len(_EIGH_CACHE) > 4:

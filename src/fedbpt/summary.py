@@ -84,6 +84,9 @@ class RunSummary:
 
     def add_final(self, rnd: int, z: np.ndarray, evals: dict) -> dict:
         row = {"round": rnd, **self._metrics(evals)}
+        best_test, _ = pooled(evals, "best_test", self.metric)  # --test_eval end: the best-dev prompt's test score
+        if best_test is not None and self.best["round"] is not None:
+            self.best["test_acc"] = best_test
         self.final = row
         self.final_z = np.array(z, dtype=np.float64)
         self._consider_best(row, z)

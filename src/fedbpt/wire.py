@@ -99,7 +99,7 @@ def decode_update(site: str, msg: dict, d: int, local_iter: int, bound: float = 
     return ClientUpdate(site, mean.astype(np.float64), fitness, sigmas.astype(np.float64), popsize, max(1, n_train))
 
 
-EVAL_SPLITS = ("train", "dev", "test")
+EVAL_SPLITS = ("train", "dev", "test", "best_test")  # best_test: the best-dev prompt, final evaluation only
 MAX_COUNT = 2**53  # summed over sites in int64 and divided in float64: counts stay exact far below overflow
 
 
