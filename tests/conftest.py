@@ -69,6 +69,23 @@ def tiny_model_dir(tmp_path_factory, toy_data_dir) -> str:
     return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny"), texts, ["bad", "great"], seed=7)
 
 
+@pytest.fixture()
+def nvflare_fobs():
+    """NVFlare's FOBS with the numpy decomposers registered, as an NVFlare process registers them at start-up.
+
+    Reset afterwards: FOBS state is process-global, and with these decomposers registered the admin client of the
+    POC tests (same pytest process) failed to log in ("unauthenticated msg ... missing client name" on the server).
+    """
+    from nvflare.app_common.decomposers import numpy_decomposers
+    from nvflare.fuel.utils import fobs
+
+    numpy_decomposers.register.registered = False  # its once-only guard would skip the registration after a reset
+    numpy_decomposers.register()
+    yield fobs
+    fobs.reset()
+    numpy_decomposers.register.registered = False
+
+
 @pytest.fixture(scope="session")
 def shared_sst2() -> str:
     path = os.path.join(SHARED_DATA, "sst2")

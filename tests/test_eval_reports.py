@@ -139,13 +139,11 @@ def test_clean_report_keeps_only_the_eval_fields_and_accepts_numpy_scalars():
 
 
 @pytest.mark.parametrize("loss_type", ["ce", "hinge", "perf"])
-def test_what_the_client_computes_passes_after_nvflare_serialisation(loss_type):
+def test_what_the_client_computes_passes_after_nvflare_serialisation(loss_type, nvflare_fobs):
     """search.evaluate of one prompt and of three (local-only), sent through FOBS, is accepted unchanged."""
     from nvflare.apis.dxo import DXO, DataKind, from_shareable
-    from nvflare.app_common.decomposers import numpy_decomposers
-    from nvflare.fuel.utils import fobs
 
-    numpy_decomposers.register()
+    fobs = nvflare_fobs
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, size=10)
     enc = Encoded([np.zeros(2, dtype=np.int64)] * 10, [np.ones(2, dtype=bool)] * 10, np.ones(10, int), labels)

@@ -44,12 +44,10 @@ def test_full_covariance_payload_at_d500_is_half_a_megabyte_not_four():
     assert size < 510_000  # vs 4,052,509 bytes for the reference's pickled CMA-ES object
 
 
-def test_payloads_survive_nvflare_serialisation():
+def test_payloads_survive_nvflare_serialisation(nvflare_fobs):
     from nvflare.apis.dxo import DXO, DataKind, from_shareable
-    from nvflare.app_common.decomposers import numpy_decomposers
-    from nvflare.fuel.utils import fobs
 
-    numpy_decomposers.register()  # the NVFlare runtime does this at start-up
+    fobs = nvflare_fobs
 
     up = encode_update(np.ones(D), 0.5, np.full(8, 0.9), 5, 7, train_confusion=np.eye(2, dtype=np.int64))
     assert _plain(up)
