@@ -55,7 +55,8 @@ def check_deployment_inputs(cfg: dict) -> None:
 def preflight(cfg: dict) -> None:
     """Fail fast, with one line, on what would otherwise fail inside every client process."""
     from fedbpt.client import resolve_model_path
-    from fedbpt.data import hub_unreachable, k_shot_indices, load_split, partition
+    from fedbpt.data import k_shot_indices, load_split, partition
+    from fedbpt.scorer import check_model_source
     from fedbpt.tasks import ConfigError, get_task
     from fedbpt.tiny import TINY_NAME
 
@@ -79,14 +80,7 @@ def preflight(cfg: dict) -> None:
     from transformers import AutoTokenizer
 
     name = cfg["model_name"]
-    if not os.path.isdir(name) and (os.sep in name or name.startswith(".")) and not os.path.exists(name):
-        raise ConfigError(f"model directory {name} does not exist: fix --model_name or use --model_name tiny-random")
-    why = None if os.path.isdir(name) else hub_unreachable()
-    if why:
-        raise ConfigError(
-            f"cannot load model '{name}' from the Hugging Face hub: {why}; pass --model_name with a local model "
-            f"directory, or --model_name tiny-random (or --config configs/tiny.yaml) for an offline smoke run"
-        )
+    check_model_source(name)
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except OSError as exc:

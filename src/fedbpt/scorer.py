@@ -61,6 +61,22 @@ class Encoded:
         return Encoded(ids, self.text_mask, self.mask_pos, self.labels, self.dropped)
 
 
+def check_model_source(model_path: str) -> None:
+    """Refuse, with one line, a model folder that does not exist or a hub id while the hub is unreachable."""
+    if os.path.isdir(model_path):
+        return
+    if os.path.sep in model_path or model_path.startswith("."):
+        raise ConfigError(
+            f"model directory {model_path} does not exist: fix --model_name, or use --model_name tiny-random"
+        )
+    why = hub_unreachable()
+    if why:
+        raise ConfigError(
+            f"cannot load model '{model_path}' from the Hugging Face hub: {why}; pass --model_name with a local "
+            f"model directory, or --model_name tiny-random (or --config configs/tiny.yaml) for an offline smoke run"
+        )
+
+
 def load_model(model_path: str, device: str, attn_implementation: str = "sdpa") -> tuple:
     """Load tokenizer and frozen MLM once per process (executors may be rebuilt; the process stays)."""
     key = (model_path, device, attn_implementation)
@@ -70,15 +86,8 @@ def load_model(model_path: str, device: str, attn_implementation: str = "sdpa") 
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        check_model_source(model_path)
         is_local = os.path.isdir(model_path)
-        if not is_local and (os.path.sep in model_path or model_path.startswith(".")):
-            raise ConfigError(f"model directory {model_path} does not exist: fix --model_name or build the model first")
-        why = None if is_local else hub_unreachable()
-        if why:
-            raise ConfigError(
-                f"cannot load model '{model_path}' from the Hugging Face hub: {why}; pass --model_name with a "
-                f"local model directory, or --model_name tiny-random for an offline smoke run"
-            )
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_path)
             model = AutoModelForMaskedLM.from_pretrained(model_path, attn_implementation=attn_implementation)
