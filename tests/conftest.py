@@ -69,6 +69,19 @@ def tiny_model_dir(tmp_path_factory, toy_data_dir) -> str:
     return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny"), texts, ["bad", "great"], seed=7)
 
 
+def valid_upload(site: str, state_mean: np.ndarray, d: int, iters: int, **extra) -> dict:
+    """A well-formed search result of ``site`` near ``state_mean`` (seeded by the site number), plus ``extra``."""
+    rng = np.random.default_rng(int(site.split("-")[1]))
+    return {
+        "mean": state_mean + rng.uniform(-1, 1, size=d),
+        "fitness": float(rng.random()),
+        "sigmas": np.full(iters, 0.7),
+        "popsize": 5,
+        "n_train": 4,
+        **extra,
+    }
+
+
 @pytest.fixture()
 def nvflare_fobs():
     """NVFlare's FOBS with the numpy decomposers registered, as an NVFlare process registers them at start-up.

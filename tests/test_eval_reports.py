@@ -12,6 +12,7 @@ from fedbpt.federation import Federation, TooFewClients
 from fedbpt.scorer import Encoded
 from fedbpt.search import evaluate
 from fedbpt.wire import PayloadError, decode_eval
+from tests.conftest import valid_upload
 
 D, ITERS = 8, 4
 SITES = ["site-1", "site-2", "site-3"]
@@ -31,17 +32,7 @@ def report(conf=CONF1, loss=0.2, split="train", **extra) -> dict:
 
 def upload(site: str, state_mean: np.ndarray, evals: dict) -> dict:
     """A valid search result plus ``evals``: only the evaluation part can be wrong."""
-    rng = np.random.default_rng(int(site.split("-")[1]))
-    return {
-        "mean": state_mean + rng.uniform(-1, 1, size=D),
-        "fitness": float(rng.random()),
-        "sigmas": np.full(ITERS, 0.7),
-        "popsize": 5,
-        "n_train": 8,
-        "seconds_search": 1.0,
-        "seconds_eval": 0.5,
-        **evals,
-    }
+    return valid_upload(site, state_mean, D, ITERS, seconds_search=1.0, seconds_eval=0.5, **evals)
 
 
 def bad_report(kind: str) -> dict:

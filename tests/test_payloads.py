@@ -10,6 +10,7 @@ import pytest
 from fedbpt.config import DEFAULTS, validate
 from fedbpt.federation import Federation, TooFewClients
 from fedbpt.wire import PayloadError, decode_update
+from tests.conftest import valid_upload
 
 D, ITERS = 8, 4
 SITES = ["site-1", "site-2", "site-3"]
@@ -22,14 +23,7 @@ def make_cfg(**kw) -> dict:
 
 
 def good(site: str, state_mean: np.ndarray) -> dict:
-    rng = np.random.default_rng(int(site.split("-")[1]))
-    return {
-        "mean": state_mean + rng.uniform(-1, 1, size=D),
-        "fitness": float(rng.random()),
-        "sigmas": np.full(ITERS, 0.7),
-        "popsize": 5,
-        "n_train": 4,
-    }
+    return valid_upload(site, state_mean, D, ITERS)
 
 
 def es_snapshot(fed: Federation) -> tuple:
