@@ -104,9 +104,7 @@ def run_one(job: tuple) -> dict:
 
     args, seed, split, name, options = job
     pool = site_pool(args, seed, split)
-    cfg = dict(pool.cfg, **options)
-    for rt in pool.runtimes.values():
-        rt.cfg = cfg  # only search options differ between methods (DATA_KEYS are shared)
+    cfg = dict(pool.cfg, **options)  # only search options differ between methods (DATA_KEYS are shared)
     t0 = time.time()
     summary = run_in_process(cfg, _Pooled(pool, cfg))
     rows = [

@@ -101,8 +101,8 @@ HELP = {
     "cov_mode": "covariance sent to clients: full (float32 triangle), diag, none",
     "precision": "fp32 | bf16 | fp16 (autocast; bf16/fp16 need CUDA)",
     "max_batch_tokens": "tokens per forward pass (candidates x examples x length); lower it if memory is short",
-    "attn_implementation": "attention kernel of the model (transformers' attn_implementation): sdpa, or eager, "
-    "which is faster on CPU for tiny models (configs/tiny.yaml; bench.learning)",
+    "attn_implementation": "attention kernel of the model (transformers' attn_implementation): sdpa, or eager for "
+    "models without SDPA support; eager is faster on small CPU passes of tiny models (bench.learning uses it)",
     "round_timeout": "seconds a round waits for clients (0: no limit); site setup before round 0 is not counted",
     "torch_threads": "torch threads per client process (0: the simulator shares the cores among --threads)",
     "model_cache_dir": "where tiny-random models are built (default: WORKSPACE/models; a site's workspace if exported)",
