@@ -55,8 +55,8 @@ def check_deployment_inputs(cfg: dict) -> None:
 def preflight(cfg: dict) -> None:
     """Fail fast, with one line, on what would otherwise fail inside every client process."""
     from fedbpt.client import resolve_model_path
-    from fedbpt.data import k_shot_indices, load_split, partition
-    from fedbpt.scorer import check_model_source
+    from fedbpt.data import load_split, site_data
+    from fedbpt.scorer import check_model_source, label_token_ids
     from fedbpt.tasks import ConfigError, get_task
     from fedbpt.tiny import TINY_NAME
 
@@ -69,9 +69,19 @@ def preflight(cfg: dict) -> None:
         ensure_bundle(cfg, cfg["model_cache_dir"])
         return
     train = load_split(task, "train", cfg["data_dir"])
-    tr, dv = k_shot_indices(train.labels, cfg["k_shot"], task.num_classes, cfg["seed"])
-    partition(train.labels[tr], cfg["num_clients"], cfg["iid"], cfg["alpha_dir"], task.num_classes, cfg["seed"] + 1)
-    partition(train.labels[dv], cfg["num_clients"], cfg["iid"], cfg["alpha_dir"], task.num_classes, cfg["seed"] + 2)
+    # the k-shot sample and the split of every site (what site-1's would raise, all would)
+    site_data(
+        task,
+        None,
+        cfg["k_shot"],
+        cfg["num_clients"],
+        0,
+        cfg["iid"],
+        cfg["alpha_dir"],
+        cfg["seed"],
+        full_train=train,
+        scheme=cfg["partition"],
+    )
     load_split(task, task.test_split, cfg["data_dir"])
     if cfg["model_name"] == TINY_NAME:
         cfg["model_cache_dir"] = cfg["model_cache_dir"] or os.path.join(cfg["workspace"], "models")
@@ -88,9 +98,7 @@ def preflight(cfg: dict) -> None:
             f"cannot load the tokenizer of '{name}' ({str(exc).splitlines()[0][:120]}): pass --model_name with a "
             f"local model directory, or --model_name tiny-random for an offline smoke run"
         ) from None
-    for word in task.label_words:
-        if len(tok(" " + word, add_special_tokens=False)["input_ids"]) != 1:
-            raise ConfigError(f"label word '{word}' is not one token for {name}: FedBPT needs single-token labels")
+    label_token_ids(tok, task.label_words, cfg["label_encoding"])  # the clients would refuse the same words
 
 
 def collect_results(workspace: str) -> str | None:

@@ -1,7 +1,8 @@
-"""Learning yardstick: FedBPT, its ablations and the paper's baselines on the synthetic `planted` task, in-process.
+"""Learning yardstick: FedBPT's step-size rules, its ablations and FedAvg-BBT on the synthetic `planted` task.
 
-    python -m bench.learning                      # the full matrix (3 seeds x 3 splits, 30 rounds, 10 clients)
-    python -m bench.learning --seeds 1 --rounds 8 # a quick look
+    python -m bench.learning                      # the matrix (3 seeds x 5 splits, 30 rounds, 10 clients) and
+                                                  # one 100-round run per split and rule
+    python -m bench.learning --seeds 1 --rounds 8 --long_rounds 0  # a quick look
     python -m bench.learning --perturb_rates 0.25,0.5,0.75  # FedBPT with the shipped defaults at these rates
 
 Every run goes through federation.run_in_process with client.RuntimePool (the same Federation and SiteRuntime
@@ -27,34 +28,52 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 
 SPLITS = {
     "IID": {"iid": True},
-    "Dir(1.0)": {"iid": False, "alpha_dir": 1.0},
-    "Dir(0.1)": {"iid": False, "alpha_dir": 0.1},
+    "Dir(1.0) hsu": {"iid": False, "alpha_dir": 1.0, "partition": "hsu"},
+    "Dir(1.0) per-class": {"iid": False, "alpha_dir": 1.0, "partition": "per_class"},
+    "Dir(0.1) hsu": {"iid": False, "alpha_dir": 0.1, "partition": "hsu"},
+    "Dir(0.1) per-class": {"iid": False, "alpha_dir": 0.1, "partition": "per_class"},
 }
-# The FedBPT base of every ablation: the reference step-size rule with the paper's perturbation (see README).
-BASE = {"aggregation": "fedbpt", "server_sigma": "reference", "perturb": True, "perturb_rate": 0.5, "cov_mode": "full"}
+# The FedBPT base of every variant: the paper's perturbation (rate 0.5), diagonal covariance on the wire, local CSA.
+BASE = {
+    "aggregation": "fedbpt",
+    "server_sigma": "paper",
+    "local_adaptation": "csa",
+    "perturb": True,
+    "perturb_rate": 0.5,
+    "cov_mode": "diag",
+}
 METHODS = {
+    "FedBPT, paper rule (Eq. 6)": {},
+    "FedBPT, reference rule": {"server_sigma": "reference"},
+    "FedBPT, eq6_sent (ablation)": {"server_sigma": "eq6_sent"},
+    "FedBPT, paper rule, local TPA": {"local_adaptation": "tpa"},
     "FedAvg-BBT": {"aggregation": "fedavg", "perturb": False, "cov_mode": "none"},
-    "local-only": {"aggregation": "local", "perturb": False, "cov_mode": "none"},
-    "FedBPT": {},
-    "FedBPT, no perturbation": {"perturb": False},
-    "FedBPT, paper sigma (Eq. 6)": {"server_sigma": "paper"},
-    "FedBPT, cov diag": {"cov_mode": "diag"},
-    "FedBPT, cov none": {"cov_mode": "none"},
 }
-QUICK = ("FedAvg-BBT", "local-only", "FedBPT")
+# The partition question needs only the two rules on the per-class splits.
+PER_CLASS_METHODS = ("FedBPT, paper rule (Eq. 6)", "FedBPT, reference rule")
+LONG_METHODS = ("FedBPT, paper rule (Eq. 6)", "FedBPT, reference rule")
+QUICK = ("FedAvg-BBT", "FedBPT, paper rule (Eq. 6)", "FedBPT, reference rule")
 PAIRS = (
-    ("FedBPT, cov diag", "FedBPT"),
-    ("FedBPT, cov none", "FedBPT"),
-    ("FedBPT", "FedBPT, no perturbation"),
-    ("FedBPT", "FedBPT, paper sigma (Eq. 6)"),
-    ("FedBPT", "FedAvg-BBT"),
-    ("FedBPT", "local-only"),
-    ("FedAvg-BBT", "local-only"),
+    ("FedBPT, paper rule (Eq. 6)", "FedBPT, reference rule"),
+    ("FedBPT, paper rule (Eq. 6)", "FedBPT, eq6_sent (ablation)"),
+    ("FedBPT, paper rule (Eq. 6)", "FedBPT, paper rule, local TPA"),
+    ("FedBPT, paper rule (Eq. 6)", "FedAvg-BBT"),
+    ("FedBPT, reference rule", "FedAvg-BBT"),
 )
-# The perturbation sweep varies the rate of FedBPT as job.py ships it (reference rule, --cov_mode diag).
-SHIPPED = {"cov_mode": "diag"}
+# The perturbation sweep varies the rate of FedBPT as job.py ships it.
+SHIPPED: dict = {}
 # Options that decide a site's data and model: runs that agree on them can share a RuntimePool.
-DATA_KEYS = ("task_name", "data_dir", "seed", "num_clients", "k_shot", "iid", "alpha_dir", "n_prompt_tokens")
+DATA_KEYS = (
+    "task_name",
+    "data_dir",
+    "seed",
+    "num_clients",
+    "k_shot",
+    "iid",
+    "alpha_dir",
+    "partition",
+    "n_prompt_tokens",
+)
 
 
 def base_config(args, seed: int, split: str) -> dict:
@@ -102,21 +121,31 @@ def run_one(job: tuple) -> dict:
     """One method on one (seed, split), in a worker that keeps the sites of its last (seed, split)."""
     from fedbpt.federation import run_in_process
 
-    args, seed, split, name, options = job
+    args, seed, split, name, options, rounds = job
     pool = site_pool(args, seed, split)
-    cfg = dict(pool.cfg, **options)  # only search options differ between methods (DATA_KEYS are shared)
+    cfg = dict(pool.cfg, num_rounds=rounds, **options)  # only search options differ between methods (DATA_KEYS agree)
     t0 = time.time()
     summary = run_in_process(cfg, _Pooled(pool, cfg))
     rows = [
         {
             k: r.get(k)
-            for k in ("round", "train_acc", "train_loss", "dev_acc", "test_acc", "sigma", "bytes_down", "bytes_up")
+            for k in (
+                "round",
+                "train_acc",
+                "train_loss",
+                "dev_acc",
+                "test_acc",
+                "sigma",
+                "sigma_before_tell",
+                "bytes_down",
+                "bytes_up",
+            )
         }
         for r in summary.rounds
     ]
     seconds = time.time() - t0
     print(
-        f"[{split} seed {seed}] {name}: final train {summary.final['train_acc']:.3f} "
+        f"[{split} seed {seed}, {rounds} rounds] {name}: final train {summary.final['train_acc']:.3f} "
         f"test {summary.final['test_acc']:.3f} ({seconds:.0f}s)",
         flush=True,
     )
@@ -124,6 +153,7 @@ def run_one(job: tuple) -> dict:
         "method": name,
         "seed": seed,
         "split": split,
+        "num_rounds": rounds,
         "rounds": rows,
         "final": {k: summary.final.get(k) for k in ("train_acc", "dev_acc", "test_acc")},
         "best": {k: summary.best.get(k) for k in ("round", "dev_acc", "test_acc")},
@@ -157,6 +187,24 @@ def matrix(args) -> tuple[dict, list]:
         return methods, [(m, ref) for m in methods if m != ref]
     methods = {m: METHODS[m] for m in (QUICK if args.quick else METHODS)}
     return methods, [(a, b) for a, b in PAIRS if a in methods and b in methods]
+
+
+def jobs_for(args, seeds: list[int], splits: list[str], methods: dict) -> list[tuple]:
+    """Long runs first (the queue's tail is then short), then each (seed, split)'s methods, heaviest first.
+
+    The per-class splits ask only whether the partition changes the rules' comparison: they run the two rules,
+    and no long runs.
+    """
+    jobs = []
+    if args.long_rounds and not args.perturb_rates:
+        long_splits = [sp for sp in splits if "per-class" not in sp]
+        jobs += [(args, 1, sp, m, methods[m], args.long_rounds) for sp in long_splits for m in LONG_METHODS]
+    for s in seeds:
+        for sp in splits:
+            for m in heavy_first(methods):
+                if args.perturb_rates or "per-class" not in sp or m in PER_CLASS_METHODS:
+                    jobs.append((args, s, sp, m, methods[m], args.rounds))
+    return jobs
 
 
 def heavy_first(methods: dict) -> list[str]:
@@ -201,9 +249,52 @@ def _ms(values: list[float], pct: bool = True) -> str:
     return f"{f * v.mean():.1f} ± {f * v.std(ddof=1):.1f}"
 
 
+def _num_rounds(rec: dict, args) -> int:
+    return rec.get("num_rounds", args.rounds)
+
+
+def sent_sigma(rec: dict) -> float:
+    """The step sent to the clients after the last round (round rows hold what each round's aggregation produced)."""
+    return rec["rounds"][-1]["sigma"]
+
+
+def long_table(records: list[dict]) -> list[str]:
+    """The long runs: where the sent step goes, and what the accuracy does meanwhile."""
+    if not records:
+        return []
+    marks = [r for r in (10, 30, 60) if r < len(records[0]["rounds"])]
+    lines = [
+        f"### {len(records[0]['rounds'])}-round runs (seed 1): sent step after rounds {', '.join(map(str, marks))} and "
+        "the last, and accuracy (%)",
+        "",
+        "| split | rule | "
+        + " | ".join(f"sigma @ {m}" for m in marks)
+        + " | sigma @ end | train (final) | test (final) | best-dev round | train @ best dev | test @ best dev |",
+        "|---|---|" + "---|" * (len(marks) + 6),
+    ]
+    for r in records:
+        sig = " | ".join(f"{r['rounds'][m - 1]['sigma']:.3g}" for m in marks)
+        lines.append(
+            f"| {r['split']} | {r['method']} | {sig} | {sent_sigma(r):.3g} | {100 * r['final']['train_acc']:.1f} "
+            f"| {100 * r['final']['test_acc']:.1f} | {r['best']['round']} | {100 * train_at_best(r):.1f} "
+            f"| {100 * r['best']['test_acc']:.1f} |"
+        )
+    return lines + [""]
+
+
+def _ms3(values: list[float]) -> str:
+    """Mean ± std of positive numbers that may span decades (step sizes), to 3 significant digits."""
+    import numpy as np
+
+    v = np.array(values, dtype=float)
+    return f"{v.mean():.3g}" if len(v) == 1 else f"{v.mean():.3g} ± {v.std(ddof=1):.2g}"
+
+
 def tables(records: list[dict], metas: dict, args, wall: float, methods: dict, pairs: list) -> str:
     import numpy as np
 
+    long_runs = [r for r in records if _num_rounds(r, args) != args.rounds]
+    records = [r for r in records if _num_rounds(r, args) == args.rounds]
     methods = [m for m in methods if any(r["method"] == m for r in records)]
     splits = [s for s in SPLITS if any(r["split"] == s for r in records)]
     seeds = sorted({r["seed"] for r in records})
@@ -220,8 +311,9 @@ def tables(records: list[dict], metas: dict, args, wall: float, methods: dict, p
             f"### {split}",
             "",
             "| method | train (final) | dev (final) | test (final) | train @ best dev | test @ best dev "
-            "| best-dev round | rounds to 90% of final train | bytes down per client-round | bytes up |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| best-dev round | rounds to 90% of final train | sent sigma after last round "
+            "| bytes down per client-round | bytes up |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         zero = [r for r in records if r["split"] == split and r["method"] == methods[0]]
         z0 = [z["rounds"][0] for z in zero]
@@ -232,15 +324,18 @@ def tables(records: list[dict], metas: dict, args, wall: float, methods: dict, p
         ]
         lines.append(
             f"| manual prompt (z = 0) | {_ms([r['train_acc'] for r in z0])} | {_ms([r['dev_acc'] for r in z0])} "
-            f"| {_ms(z0_test)} | - | - | - | - | 0 | 0 |"
+            f"| {_ms(z0_test)} | - | - | - | - | - | 0 | 0 |"
         )
         cz = [metas[s]["test"]["calibrated_zero_acc"] for s in seeds]
         czt = [metas[s]["train"]["calibrated_zero_acc"] for s in seeds]
         lines.append(
-            f"| calibrated zero prompt (offset ceiling) | {_ms(czt)} (pool) | - | {_ms(cz)} | - | - | - | - | - | - |"
+            f"| calibrated zero prompt (offset ceiling) | {_ms(czt)} (pool) | - | {_ms(cz)} | - | - | - | - | - | - "
+            "| - |"
         )
         for m in methods:
             rs = [r for r in records if r["split"] == split and r["method"] == m]
+            if not rs:
+                continue
             down = [np.mean([x["bytes_down"] for x in r["rounds"]]) for r in rs]
             up = [np.mean([x["bytes_up"] for x in r["rounds"]]) for r in rs]
             lines.append(
@@ -248,7 +343,8 @@ def tables(records: list[dict], metas: dict, args, wall: float, methods: dict, p
                 f"| {_ms([r['final']['test_acc'] for r in rs])} | {_ms([train_at_best(r) for r in rs])} "
                 f"| {_ms([r['best']['test_acc'] for r in rs])} "
                 f"| {_ms([r['best']['round'] for r in rs], pct=False)} "
-                f"| {_ms([rounds_to_90(r) for r in rs], pct=False)} | {int(np.mean(down)):,} | {int(np.mean(up)):,} |"
+                f"| {_ms([rounds_to_90(r) for r in rs], pct=False)} | {_ms3([sent_sigma(r) for r in rs])} "
+                f"| {int(np.mean(down)):,} | {int(np.mean(up)):,} |"
             )
         lines.append("")
     lines += [
@@ -277,6 +373,7 @@ def tables(records: list[dict], metas: dict, args, wall: float, methods: dict, p
             cells = " | ".join(f"{np.mean(d):+.1f} [{np.min(d):+.1f}, {np.max(d):+.1f}]" for d in diffs)
             lines.append(f"| {a} minus {b} | {cells} | {len(diffs[0])} |")
     lines.append("")
+    lines += long_table(long_runs)
     lines += [
         "### Planted tasks (one per seed)",
         "",
@@ -292,7 +389,8 @@ def tables(records: list[dict], metas: dict, args, wall: float, methods: dict, p
     return "\n".join(lines) + "\n"
 
 
-def plot(records: list[dict], path: str, methods: dict) -> None:
+def plot(records: list[dict], path: str, methods: dict, args) -> None:
+    """Global train accuracy (top) and the step sent to the clients (bottom, log scale) per round and split."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -301,22 +399,30 @@ def plot(records: list[dict], path: str, methods: dict) -> None:
 
     splits = [s for s in SPLITS if any(r["split"] == s for r in records)]
     methods = [m for m in methods if any(r["method"] == m for r in records)]
-    fig, axes = plt.subplots(1, len(splits), figsize=(5.2 * len(splits), 4.2), sharey=True, squeeze=False)
-    for ax, split in zip(axes[0], splits):
+    fig, axes = plt.subplots(2, len(splits), figsize=(4.4 * len(splits), 7.0), sharey="row", squeeze=False)
+    for col, split in enumerate(splits):
         for m in methods:
             rs = [r for r in records if r["split"] == split and r["method"] == m]
+            if not rs:
+                continue
             acc = np.array([[x["train_acc"] for x in r["rounds"]] + [r["final"]["train_acc"]] for r in rs], dtype=float)
+            sig = np.array([[x["sigma"] for x in r["rounds"]] for r in rs], dtype=float)
             x = np.arange(acc.shape[1])
-            ax.plot(x, acc.mean(0), label=m, lw=1.6)
-            ax.fill_between(x, acc.min(0), acc.max(0), alpha=0.12)
-        ax.set_title(f"planted task, {split}")
-        ax.set_xlabel("round")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("global train accuracy (mean over seeds; band: min-max)")
+            (line,) = axes[0][col].plot(x, acc.mean(0), label=m, lw=1.5)
+            axes[0][col].fill_between(x, acc.min(0), acc.max(0), alpha=0.12, color=line.get_color())
+            axes[1][col].plot(np.arange(1, sig.shape[1] + 1), sig.mean(0), lw=1.5, color=line.get_color())
+        axes[0][col].set_title(f"planted task, {split}", fontsize=9)
+        axes[1][col].set_yscale("log")
+        axes[1][col].set_xlabel("round")
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("global train accuracy (mean; band: min-max)")
+    axes[1][0].set_ylabel("sigma sent to the clients (mean)")
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def communication(d: int = 500) -> str:
@@ -355,6 +461,7 @@ def communication(d: int = 500) -> str:
         np.ones(8),
         5,
         8,
+        0.9,
         seconds_search=1.0,
         seconds_eval=0.1,
         train_loss=0.5,
@@ -377,6 +484,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3, help="seeds 1..N (default 3)")
     p.add_argument("--rounds", type=int, default=30)
+    p.add_argument(
+        "--long_rounds",
+        type=int,
+        default=100,
+        help=f"rounds of the long runs (seed 1, IID and the hsu splits, {' and '.join(LONG_METHODS)}); 0: none",
+    )
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--k_shot", type=int, default=40, help="examples per class in train (and again in dev)")
     p.add_argument("--n_prompt_tokens", type=int, default=20)
@@ -399,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--figs", default=os.path.join(ROOT, "figs"))
     p.add_argument("--report_only", action="store_true", help="redo tables and plot from OUT/NAME_runs.json")
+    p.add_argument(
+        "--resume", action="store_true", help="keep the runs already saved in OUT/NAME_runs.json and run the rest"
+    )
     args = p.parse_args(argv)
     args.name = "learning_perturb" if args.perturb_rates else "learning"
     if args.report_only:
@@ -415,9 +531,11 @@ def main(argv: list[str] | None = None) -> int:
         return report(saved["records"], metas, args, saved["wall_seconds"])
     splits = [s.strip() for s in args.splits.split(",")]
     bad = [s for s in splits if s not in SPLITS]
-    if bad or args.seeds < 1 or args.rounds < 1 or args.workers < 1:
+    if bad or args.seeds < 1 or args.rounds < 1 or args.workers < 1 or args.long_rounds < 0:
         print(
-            f"error: --splits must name {', '.join(SPLITS)}; --seeds/--rounds/--workers must be >= 1", file=sys.stderr
+            f"error: --splits must name {', '.join(SPLITS)}; --seeds/--rounds/--workers must be >= 1, "
+            f"--long_rounds >= 0",
+            file=sys.stderr,
         )
         return 2
     try:
@@ -438,11 +556,24 @@ def main(argv: list[str] | None = None) -> int:
     metas = ensure_bundles(args, seeds)
     # one job per run, grouped by (seed, split): each worker sets a group's sites up once, and the queue keeps
     # both workers busy to the end (the tail is one short run)
-    jobs = [(args, s, sp, m, methods[m]) for s in seeds for sp in splits for m in heavy_first(methods)]
+    jobs = jobs_for(args, seeds, splits, methods)
     records: list[dict] = []
+    path = os.path.join(args.out, f"{args.name}_runs.json")
+    if args.resume and os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        wanted = {_job_key(j[3], j[1], j[2], j[5]) for j in jobs}
+        records = [
+            r for r in saved["records"] if _job_key(r["method"], r["seed"], r["split"], _num_rounds(r, args)) in wanted
+        ]
+        done = {_job_key(r["method"], r["seed"], r["split"], _num_rounds(r, args)) for r in records}
+        jobs = [j for j in jobs if _job_key(j[3], j[1], j[2], j[5]) not in done]
+        t0 -= saved["wall_seconds"]
+        print(f"resuming: {len(records)} runs saved in {path}, {len(jobs)} to go", flush=True)
     if args.workers == 1:
         for j in jobs:
             records.append(run_one(j))
+            save(records, metas, args, time.time() - t0)
     else:
         import multiprocessing as mp
 
@@ -453,6 +584,10 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.time() - t0
     save(records, metas, args, wall)
     return report(records, metas, args, wall)
+
+
+def _job_key(method: str, seed: int, split: str, rounds: int) -> tuple:
+    return (method, int(seed), split, int(rounds))
 
 
 def save(records: list[dict], metas: dict, args, wall: float) -> None:
@@ -473,7 +608,11 @@ def report(records: list[dict], metas: dict, args, wall: float) -> int:
     if not args.perturb_rates:
         text += "\n## Communication per client per round\n\n" + communication()
     atomic_write(os.path.join(args.out, f"{args.name}.md"), text.encode())
-    plot(records, os.path.join(args.figs, f"{args.name}_train_acc.png"), methods)
+    main = [r for r in records if _num_rounds(r, args) == args.rounds]
+    long_runs = [r for r in records if _num_rounds(r, args) != args.rounds]
+    plot(main, os.path.join(args.figs, f"{args.name}_train_acc.png"), methods, args)
+    if long_runs:
+        plot(long_runs, os.path.join(args.figs, f"{args.name}_long.png"), methods, args)
     print(text)
     print(
         f"wall time {wall:.0f}s; wrote {args.out}/{args.name}.md, {args.name}_runs.json, "

@@ -76,6 +76,7 @@ def valid_upload(site: str, state_mean: np.ndarray, d: int, iters: int, **extra)
         "mean": state_mean + rng.uniform(-1, 1, size=d),
         "fitness": float(rng.random()),
         "sigmas": np.full(iters, 0.7),
+        "sigma_final": 0.6,
         "popsize": 5,
         "n_train": 4,
         **extra,

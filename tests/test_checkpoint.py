@@ -40,6 +40,7 @@ def fake_round(fed: Federation, rnd: int) -> None:
             "mean": np.clip(fed._state.mean + rng.normal(size=D) * fed._state.sigma, -box, box),
             "fitness": float(rng.random()),
             "sigmas": rng.uniform(0.2, 1.5, size=ITERS),
+            "sigma_final": float(rng.uniform(0.2, 1.5)),
             "popsize": 5,
             "n_train": 3,
             "dev_loss": float(rng.random()),

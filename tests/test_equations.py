@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 
-from fedbpt.aggregation import mahalanobis_clip_threshold, paper_sigma, reference_sigma, reference_sigma_sent
+from fedbpt.aggregation import (
+    mahalanobis_clip_threshold,
+    paper_sigma,
+    reference_sigma,
+    reference_sigma_sent,
+    sigma_before_tell,
+    sigma_sent,
+)
 from fedbpt.scorer import loss_and_metrics, metric_from_confusion
 from fedbpt.search import eq7_fitness
 
@@ -37,22 +44,56 @@ def test_reference_sigma_before_tell():
 @pytest.mark.parametrize(
     "after, before, previous, expected",
     [
-        (0.9, 1.2, 1.0, 0.75),  # ratio 0.75: neither floor nor cap binds
-        (0.3, 1.2, 1.0, 0.5),  # ratio 0.25 -> 0.25 lifted to the 0.5 floor
-        (1.5, 1.0, 0.8, 0.8),  # ratio 1.5 -> 1.2 capped at the previous 0.8: the step never grows
-        (0.5, 1.0, 0.4, 0.4),  # 0.2 floored to 0.5, then capped at 0.4: below 0.5 the cap undoes the floor
+        (0.9, 1.2, 1.0, 0.75),  # ratio 0.75: 0.75
+        (0.3, 1.2, 1.0, 0.25),  # ratio 0.25: 0.25, below the 0.5 the code names; its floor never binds
+        (1.5, 1.0, 0.8, 1.2),  # ratio 1.5: CSA grew the step, so the sent step grows too: 1.2 > 0.8
+        (0.5, 1.0, 0.4, 0.2),  # ratio 0.5 from 0.4: 0.2
     ],
 )
-def test_reference_sigma_sent(after, before, previous, expected):
-    assert reference_sigma_sent(after, before, previous) == pytest.approx(expected)
+def test_reference_sent_step_code_reduces_to_the_ratio(after, before, previous, expected):
+    # the second clamp compares with local_sigma_current, set to the new step before the clamps: it undoes the first
+    assert reference_sigma_sent(after, before, previous) == pytest.approx(expected, rel=1e-12)
 
 
-def test_eq7_is_clean_over_perturbed_loss():
-    assert eq7_fitness(np.array([0.6, 0.9]), np.array([1.2, 0.3])) == pytest.approx([0.5, 3.0])
+def test_paper_and_reference_send_the_ratio_eq6_sent_sends_the_post_tell_step():
+    # before 0.8, CSA turned it into 0.88 (ratio 1.1), previous sent step 1.0
+    assert sigma_sent("paper", 0.88, 0.8, 1.0) == pytest.approx(1.1, rel=1e-12)
+    assert sigma_sent("reference", 0.88, 0.8, 1.0) == pytest.approx(1.1, rel=1e-12)
+    assert sigma_sent("eq6_sent", 0.88, 0.8, 1.0) == 0.88
+
+
+def test_sent_step_falls_below_half_over_a_run_of_shrinking_rounds():
+    # CSA shrinks the corrected step by 10% each round: 0.6 -> 0.54 -> 0.486 -> 0.4374 -> 0.39366
+    sent = [0.6]
+    for _ in range(4):
+        sent.append(sigma_sent("paper", 0.9 * 0.7, 0.7, sent[-1]))
+    assert sent == pytest.approx([0.6, 0.54, 0.486, 0.4374, 0.39366], rel=1e-12)
+
+
+def test_sigma_before_tell_picks_eq6_or_the_reference_formula():
+    assert sigma_before_tell("paper", FITNESS, SIGMAS, [5] * 4) == pytest.approx(0.6708203932, rel=1e-9)
+    assert sigma_before_tell("eq6_sent", FITNESS, SIGMAS, [5] * 4) == pytest.approx(0.6708203932, rel=1e-9)
+    # lambda = 5 -> pycma's mu_local = 2
+    assert sigma_before_tell("reference", FITNESS, SIGMAS, [5] * 4) == pytest.approx(1.2374368671, rel=1e-9)
+
+
+def test_eq7_mean_ratio_divides_the_mean_losses():
+    # clean (0.6, 0.2), perturbed (1.2, 0.4): 0.4 / 0.8 = 0.5; second candidate (0.9, 0.3) / (0.3, 0.3): 0.6 / 0.3 = 2
+    clean = np.array([[0.6, 0.2], [0.9, 0.3]])
+    pert = np.array([[1.2, 0.4], [0.3, 0.3]])
+    assert eq7_fitness(clean, pert, "mean_ratio") == pytest.approx([0.5, 2.0])
+
+
+def test_eq7_per_example_averages_the_ratios():
+    # (0.6 / 1.2 + 0.2 / 0.1) / 2 = (0.5 + 2) / 2 = 1.25; mean_ratio would give 0.4 / 0.65 = 0.6154
+    clean, pert = np.array([[0.6, 0.2]]), np.array([[1.2, 0.1]])
+    assert eq7_fitness(clean, pert, "per_example") == pytest.approx([1.25])
+    assert eq7_fitness(clean, pert, "mean_ratio") == pytest.approx([0.4 / 0.65])
 
 
 def test_eq7_survives_a_zero_perturbed_loss():
-    assert np.isfinite(eq7_fitness(np.array([0.5]), np.array([0.0]))).all()
+    for form in ("mean_ratio", "per_example"):
+        assert np.isfinite(eq7_fitness(np.array([[0.5]]), np.array([[0.0]]), form)).all()
 
 
 LOGITS = np.array([[[2.0, 0.0], [0.0, 1.0]]])  # one candidate, two examples, two label words

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedbpt.data import Examples
-from fedbpt.scorer import Encoded, Scorer, loss_and_metrics, plan_batches
+from fedbpt.scorer import Encoded, Scorer, example_losses, loss_and_metrics, plan_batches
 from fedbpt.search import GlobalState, LocalObjective, eq7_fitness, local_search, perturb
 from fedbpt.tasks import get_task
 from tests.conftest import deterministic_texts
@@ -89,8 +89,9 @@ def test_generation_equals_one_candidate_at_a_time(make_scorer):
     assert_rel_close(together, alone)
 
 
-def test_padding_and_grouping_do_not_change_scores(make_scorer):
-    sc = make_scorer()
+@pytest.mark.parametrize("mode", ["add", "cat"])
+def test_padding_and_grouping_do_not_change_scores(make_scorer, mode):
+    sc = make_scorer(cat_or_add=mode)
     enc = sc.encode(examples(9, seed=2))
     z = candidates(2, seed=5)
     grouped = sc.label_logits(z, enc)
@@ -112,23 +113,32 @@ def test_eager_attention_gives_the_sdpa_scores(make_scorer):
     assert_rel_close(eager.label_logits(z, enc), sdpa.label_logits(z, enc))
 
 
-def test_memory_cap_splits_passes_without_changing_scores(make_scorer):
-    roomy = make_scorer(max_batch_tokens=1 << 20)
+@pytest.mark.parametrize("mode", ["add", "cat"])
+def test_memory_cap_splits_passes_without_changing_scores(make_scorer, mode):
+    """The cap counts the rows the model sees: in cat mode the n prompt rows in front of the ids as well."""
+    roomy = make_scorer(max_batch_tokens=1 << 20, cat_or_add=mode)
     enc = roomy.encode(examples(11, seed=3))
+    extra = N_PROMPT if mode == "cat" else 0
+    assert roomy.extra_rows == extra
     z = candidates(4, seed=6)
-    tight_cap = int(enc.lengths.max()) + 1  # the longest example fits alone; little else fits beside it
-    tight = make_scorer(max_batch_tokens=tight_cap)
+    tight_cap = int(enc.lengths.max()) + extra + 1  # the longest example fits alone; little else fits beside it
+    tight = make_scorer(max_batch_tokens=tight_cap, cat_or_add=mode)
     passes = []
-    handle = tight.model.base_model.register_forward_pre_hook(
-        lambda m, args, kwargs: passes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
-    )
+
+    def record(module, args, kwargs):
+        att = kwargs.get("attention_mask")
+        rows, length = kwargs["input_ids"].shape
+        assert att is None or att.shape == (rows, length + extra)
+        passes.append((rows, length + extra))
+
+    handle = tight.model.base_model.register_forward_pre_hook(record, with_kwargs=True)
     try:
         split = tight.label_logits(z, enc)
     finally:
         handle.remove()
     assert max(rows * length for rows, length in passes) <= tight_cap
     assert sum(rows for rows, _ in passes) == len(z) * len(enc)  # every (candidate, example) scored exactly once
-    assert len(passes) >= int(enc.lengths.sum()) * len(z) // tight_cap
+    assert len(passes) >= int(enc.lengths.sum() + extra * len(enc)) * len(z) // tight_cap
     assert_rel_close(split, roomy.label_logits(z, enc))
 
 
@@ -156,9 +166,14 @@ def test_objective_scores_clean_and_perturbed_together(make_scorer):
     pert = perturb(clean, 0.5, sc.ordinary_ids, np.random.default_rng(2))
     z = candidates(5, seed=7)
     together = LocalObjective(sc.label_logits, clean, "ce", pert)(z)
-    lc, _ = loss_and_metrics(sc.label_logits(z, clean), clean.labels, "ce")
-    lp, _ = loss_and_metrics(sc.label_logits(z, pert), pert.labels, "ce")
+    clean_logits, pert_logits = sc.label_logits(z, clean), sc.label_logits(z, pert)
+    lc = example_losses(clean_logits, clean.labels, "ce")
+    lp = example_losses(pert_logits, pert.labels, "ce")
     np.testing.assert_allclose(together, eq7_fitness(lc, lp), rtol=1e-5)
+    # the reference's form: mean clean loss over mean perturbed loss, each scored on its own
+    mean_clean, _ = loss_and_metrics(clean_logits, clean.labels, "ce")
+    mean_pert, _ = loss_and_metrics(pert_logits, pert.labels, "ce")
+    np.testing.assert_allclose(together, mean_clean / mean_pert, rtol=1e-5)
 
 
 def test_local_search_keeps_torch_threads_for_the_objective():

@@ -149,7 +149,7 @@ def test_garbage_faults_corrupt_the_upload(monkeypatch, mode):
     from fedbpt.wire import PayloadError, decode_update
 
     monkeypatch.setenv("FEDBPT_FAULT", f"site-1:0:{mode}")
-    upload = {"mean": np.zeros(4), "fitness": 0.5, "sigmas": np.ones(2), "popsize": 2}
+    upload = {"mean": np.zeros(4), "fitness": 0.5, "sigmas": np.ones(2), "sigma_final": 1.0, "popsize": 2}
     out = run_with_faults("site-1", 0, lambda: dict(upload), lambda: False)
     decode_update("site-1", upload, 4, 2)  # the clean upload is fine
     with pytest.raises(PayloadError):

@@ -49,7 +49,7 @@ def test_payloads_survive_nvflare_serialisation(nvflare_fobs):
 
     fobs = nvflare_fobs
 
-    up = encode_update(np.ones(D), 0.5, np.full(8, 0.9), 5, 7, train_confusion=np.eye(2, dtype=np.int64))
+    up = encode_update(np.ones(D), 0.5, np.full(8, 0.9), 5, 7, 0.8, train_confusion=np.eye(2, dtype=np.int64))
     assert _plain(up)
     for msg in ({"state": encode_state(_state(), "full"), "evaluate": 1}, up):
         blob = fobs.dumps(DXO(data_kind=DataKind.COLLECTION, data=msg).to_shareable())
@@ -58,7 +58,7 @@ def test_payloads_survive_nvflare_serialisation(nvflare_fobs):
 
 
 def _update(**overrides):
-    msg = encode_update(np.zeros(D), 0.5, np.full(8, 0.9), 5, 10)
+    msg = encode_update(np.zeros(D), 0.5, np.full(8, 0.9), 5, 10, 0.8)
     msg.update(overrides)
     return msg
 
@@ -116,17 +116,35 @@ def test_server_uses_csa_and_tells_the_client_means():
     assert int(np.argmax(coef)) == int(np.argmin([u.fitness for u in ups]))
 
 
-def test_reference_rule_never_lets_the_step_grow():
-    server = ServerES(D, 1.0, 4, seed=1, sigma_rule="reference")
+@pytest.mark.parametrize("rule", ["paper", "reference"])
+def test_sent_step_is_the_csa_ratio_times_the_previous_sent_step(rule):
+    """Over rounds the sent step follows sent_t = (after_t / before_t) * sent_(t-1), unclamped, and the server's CMA-ES
+    updates with the corrected step (Eq. 6 or the reference formula) set just before tell."""
+    server = ServerES(D, 1.0, 4, seed=1, sigma_rule=rule)
     rng = np.random.default_rng(3)
-    sent = [1.0]
-    for _ in range(6):
-        ups = _updates(4, rng, scale=2.0)
+    sent, grew = 1.0, False
+    for rnd in range(6):
+        ups = _updates(4, rng, scale=2.0 if rnd < 3 else 0.01)
         info = server.aggregate(ups)
-        assert info.sigma_before_tell == pytest.approx(reference_sigma([u.sigmas for u in ups], 2))
-        sent.append(info.sigma_sent)
-    assert all(b <= a for a, b in zip(sent, sent[1:]))
-    assert min(sent) >= 0.5
+        expected_before = (
+            paper_sigma([u.fitness for u in ups], [u.sigmas for u in ups], [5] * 4)
+            if rule == "paper"
+            else reference_sigma([u.sigmas for u in ups], 2)
+        )
+        assert info.sigma_before_tell == pytest.approx(expected_before)
+        ratio = info.notes["sigma_after_tell"] / info.sigma_before_tell
+        assert info.sigma_sent == pytest.approx(ratio * sent, rel=1e-12)
+        assert server.state(rnd + 1).sigma == info.sigma_sent
+        grew |= ratio > 1
+        sent = info.sigma_sent
+    assert grew  # far client means: CSA grew the step in some round, and the sent step grew with it
+    assert sent < 0.5  # means that barely move: CSA shrank it, and nothing holds it at 0.5
+
+
+def test_eq6_sent_ablation_sends_the_post_tell_step():
+    server = ServerES(D, 1.0, 4, seed=1, sigma_rule="eq6_sent")
+    info = server.aggregate(_updates(4, np.random.default_rng(3)))
+    assert info.sigma_sent == info.notes["sigma_after_tell"] == server.state(1).sigma
 
 
 def test_aggregation_is_deterministic_in_the_seed():

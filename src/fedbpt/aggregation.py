@@ -5,7 +5,9 @@ consequences shape this module:
 - pycma at d >= 300 defaults to TPA step-size adaptation, which assumes the told points came from ask(); told
   foreign points it never shrinks sigma. We pick CSA explicitly.
 - the local searches, not the server's sigma, produced the points, so the server's sigma is reset before
-  tell() to a value derived from the local step sizes (paper Eq. 6, or the reference example's rule).
+  tell() to a value derived from the local step sizes (paper Eq. 6, or the reference example's rule). The step
+  sent to the clients is the previous sent step scaled by the change CSA made to that corrected step, as in the
+  reference code (:func:`sigma_sent`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from fedbpt.search import GlobalState, make_es
 
 log = logging.getLogger(__name__)
 
-SIGMA_FLOOR = 0.5  # the reference example's floor on the sent step size
+SIGMA_FLOOR = 0.5  # the reference example's floor, as written in its sent-step code (it never binds; see below)
+# server_sigma rule -> (step the server's CMA-ES update uses, how the step sent to the clients follows from it)
+SIGMA_RULES = {"paper": ("eq6", "ratio"), "reference": ("reference", "ratio"), "eq6_sent": ("eq6", "after_tell")}
 
 
 @dataclass
@@ -31,6 +35,7 @@ class ClientUpdate:
     sigmas: np.ndarray
     popsize: int
     n_train: int = 1
+    sigma_final: float = 1.0  # the local step after the last tell
 
 
 @dataclass
@@ -59,12 +64,38 @@ def reference_sigma(sigmas: list[np.ndarray], mu_local: int) -> float:
 
 
 def reference_sigma_sent(sigma_after: float, sigma_before: float, previous_sent: float) -> float:
-    """The NVFlare example's step for the next round: min(max(ratio * previous, 0.5), previous).
+    """The NVFlare example's sent-step code, statement by statement.
 
-    The cap at the previous step means the step never grows; the floor only lifts a step that would fall below
-    0.5 while the previous one was at least 0.5, so from sigma0 >= 0.5 the step stays in [0.5, sigma0].
+    ``local_sigma_current`` is updated before the two clamps, so the second clamp undoes whatever the first did:
+    the result is exactly ``sigma_after / sigma_before * previous_sent``. It falls below 0.5 and grows when CSA
+    grows the server's step; neither clamp ever changes it.
     """
-    return min(max(sigma_after / sigma_before * previous_sent, SIGMA_FLOOR), previous_sent)
+    sigma = sigma_after / sigma_before * previous_sent
+    local_sigma_current = sigma
+    if sigma < SIGMA_FLOOR:
+        sigma = SIGMA_FLOOR
+    if sigma > local_sigma_current:
+        sigma = local_sigma_current
+    return sigma
+
+
+def sigma_before_tell(rule: str, fitnesses: np.ndarray, sigmas: list[np.ndarray], popsizes: list[int]) -> float:
+    """The server's step for its own CMA-ES update: the local searches, not the server, produced the told points."""
+    if SIGMA_RULES[rule][0] == "eq6":
+        return paper_sigma(fitnesses, sigmas, popsizes)
+    return reference_sigma(sigmas, max(1, popsizes[0] // 2))  # pycma's default mu for popsize lambda
+
+
+def sigma_sent(rule: str, sigma_after: float, sigma_before: float, previous_sent: float) -> float:
+    """The step the clients start from next round.
+
+    paper and reference scale the previous sent step by the change CSA made to the corrected step (the reference
+    code). eq6_sent sends the post-tell step itself: an ablation of what not to do, since Eq. 6 returns about
+    2 * sqrt(I / (2 lambda)) = 1.8 times the local steps and the sent step then grows every round.
+    """
+    if SIGMA_RULES[rule][1] == "after_tell":
+        return float(sigma_after)
+    return float(reference_sigma_sent(sigma_after, sigma_before, previous_sent))
 
 
 def mahalanobis_clip_threshold(d: int) -> float:
@@ -78,8 +109,8 @@ class ServerES:
     def __init__(
         self, d: int, sigma0: float, clients_per_round: int, seed: int, bound: float = 0.0, sigma_rule: str = "paper"
     ) -> None:
-        import cma
-
+        if sigma_rule not in SIGMA_RULES:
+            raise ValueError(f"unknown server sigma rule {sigma_rule!r}: one of {', '.join(SIGMA_RULES)}")
         self.sigma_rule = sigma_rule
         self.bound = float(bound)
         self.k = clients_per_round
@@ -91,7 +122,8 @@ class ServerES:
                 clients_per_round,
                 seed,
                 bound,
-                {"CMA_mu": clients_per_round, "AdaptSigma": cma.sigma_adaptation.CMAAdaptSigmaCSA},
+                {"CMA_mu": clients_per_round},
+                adaptation="csa",
             )
         self.sent_sigma = float(sigma0)
 
@@ -107,7 +139,7 @@ class ServerES:
         return GlobalState(
             round_,
             np.array(self.es.mean, dtype=np.float64),
-            float(self.es.sigma),
+            self.sent_sigma,
             np.array(self.es.sm.C, dtype=np.float64),
         )
 
@@ -122,10 +154,7 @@ class ServerES:
         with threadpool_limits(1), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pycma warns that told solutions were not sampled by ask()
             self.es.ask()  # pycma only accepts tell() after ask(); the samples are not used
-            if self.sigma_rule == "paper":
-                before = paper_sigma(fit, sigmas, [u.popsize for u in updates])
-            else:
-                before = reference_sigma(sigmas, max(1, updates[0].popsize // 2))
+            before = sigma_before_tell(self.sigma_rule, fit, sigmas, [u.popsize for u in updates])
             self.es.sigma = before
             limit = mahalanobis_clip_threshold(self.d)
             dist = np.array([self.es.mahalanobis_norm(u.mean - self.es.mean) for u in updates])
@@ -147,7 +176,10 @@ class ServerES:
                 x += [self._mean_in_bounds()] * missing
                 fit = np.concatenate([fit, np.full(missing, fit.max() + 1.0)])
             self.es.tell(x, fit.tolist())
-            if self.sigma_rule == "reference":
-                self.es.sigma = reference_sigma_sent(float(self.es.sigma), before, self.sent_sigma)
+            after = float(self.es.sigma)
+            # The server's own sigma is reset before every tell, so only the sent step carries over between rounds.
+            self.es.sigma = sigma_sent(self.sigma_rule, after, before, self.sent_sigma)
         self.sent_sigma = float(self.es.sigma)
-        return AggregationInfo(before, self.sent_sigma, clipped, {"max_mahalanobis": float(dist.max())})
+        return AggregationInfo(
+            before, self.sent_sigma, clipped, {"max_mahalanobis": float(dist.max()), "sigma_after_tell": after}
+        )

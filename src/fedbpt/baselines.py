@@ -45,7 +45,7 @@ class FedAvgServer:
         w = np.array([u.n_train for u in updates], dtype=np.float64)
         w /= w.sum()
         self.mean = np.sum([wi * u.mean for wi, u in zip(w, updates)], axis=0)
-        self.sigma = float(np.sum([wi * u.sigmas[-1] for wi, u in zip(w, updates)]))
+        self.sigma = float(np.sum([wi * u.sigma_final for wi, u in zip(w, updates)]))
         return AggregationInfo(self.sigma, self.sigma)
 
 
@@ -65,7 +65,7 @@ class LocalOnlyServer:
             raise ValueError("no client updates to aggregate")
         for u in updates:
             k = self.sites.index(u.site)
-            self.means[k], self.sigmas[k] = u.mean, u.sigmas[-1]
+            self.means[k], self.sigmas[k] = u.mean, u.sigma_final
         sigma = float(self.sigmas.mean())
         return AggregationInfo(sigma, sigma)
 

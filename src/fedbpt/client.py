@@ -72,6 +72,7 @@ class SiteRuntime:
             cfg["precision"],
             cfg["max_batch_tokens"],
             cfg["attn_implementation"],
+            label_encoding=cfg["label_encoding"],
         )
         self.train = self.scorer.encode(data.train)
         self.dev = self.scorer.encode(data.dev)
@@ -141,15 +142,25 @@ class SiteRuntime:
         if cfg["perturb"]:
             rng = np.random.default_rng([cfg["seed"], self.index, state.round, 1])
             perturbed = perturb(self.train, cfg["perturb_rate"], self.scorer.ordinary_ids, rng)
-        objective = LocalObjective(self.scorer.label_logits, self.train, cfg["loss_type"], perturbed)
+        objective = LocalObjective(self.scorer.label_logits, self.train, cfg["loss_type"], perturbed, cfg["eq7"])
         seed = derive_seed(cfg["seed"], self.index, state.round)
-        res = local_search(state, objective, cfg["local_popsize"], cfg["local_iter"], seed, cfg["bound"], should_stop)
+        res = local_search(
+            state,
+            objective,
+            cfg["local_popsize"],
+            cfg["local_iter"],
+            seed,
+            cfg["bound"],
+            should_stop,
+            cfg["local_adaptation"],
+        )
         return encode_update(
             res.mean,
             res.fitness,
             res.sigmas,
             res.popsize,
             len(self.train),
+            res.sigma_final,
             seconds_search=time.time() - t0 - t_eval,
             seconds_eval=t_eval,
             **metrics,

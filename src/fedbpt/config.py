@@ -33,12 +33,15 @@ DEFAULTS: dict = {
     "device": None,
     "loss_type": "ce",
     "cat_or_add": "add",
+    "label_encoding": "bare",
     "local_iter": 8,
     "local_popsize": 5,
     "iid": True,
     "alpha_dir": 0.5,
+    "partition": "hsu",
     "perturb": True,
     "perturb_rate": 0.5,
+    "eq7": "mean_ratio",
     "model_name": "roberta-large",
     "eval_clients": "site-1",
     "frac": 1.0,
@@ -49,6 +52,7 @@ DEFAULTS: dict = {
     # in 9 of 9 runs; diag is the smallest mode whose dev-selected prompt fits the training data within 0.5 points of
     # full covariance (none: 1.0 points below), at 6,024 instead of 505,024 bytes.
     "server_sigma": "reference",
+    "local_adaptation": "csa",
     "aggregation": "fedbpt",
     "cov_mode": "diag",
     "precision": "fp32",
@@ -82,13 +86,20 @@ HELP = {
     "batch_size": "kept for the reference CLI; batching is set by --max_batch_tokens",
     "device": "torch device (default: cuda if available, else cpu)",
     "loss_type": "ce | hinge | perf",
-    "cat_or_add": "add: prompt added to the embedding output; cat: prompt replaces placeholder embeddings",
+    "cat_or_add": "add: prompt added to the embedding output at placeholder positions; cat: prompt concatenated in "
+    "front of the embedding output (as the reference and BBT)",
+    "label_encoding": "bare: a label word's first token without a leading space (as the reference and BBT); space: the "
+    "space-prefixed word, which must be one token (what causal LMs usually want)",
     "local_iter": "local CMA-ES iterations I per round",
     "local_popsize": "local CMA-ES population lambda",
     "iid": "1: IID split; 0: Dirichlet label skew",
     "alpha_dir": "Dirichlet concentration for --iid 0",
+    "partition": "non-IID scheme for --iid 0: hsu (each client's class mix ~ Dir(alpha * class shares), sizes from a "
+    "least-norm fit, as the reference); per_class (each class split over clients by Dir(alpha))",
     "perturb": "1: local objective Eq. 7 (clean / perturbed loss); 0: clean loss",
     "perturb_rate": "probability that a text token is replaced in the perturbed copy",
+    "eq7": "Eq. 7 form: mean_ratio (mean clean loss / mean perturbed loss, as the reference); per_example (sum over "
+    "examples of clean / perturbed loss, over N, as the paper writes it)",
     "model_name": "HF hub id or local model folder of a masked LM; 'tiny-random' builds a smoke-test model",
     "eval_clients": "comma-separated sites that evaluate the global prompt on the test set",
     "frac": "fraction of clients sampled per round (never fewer than min_clients)",
@@ -96,7 +107,9 @@ HELP = {
     "eval_every": "evaluate dev/test every N rounds (round 0 and the final prompt are always evaluated)",
     "test_eval": "rounds: eval clients score the test set with dev on every eval round (as the reference); end: only "
     "in the final evaluation, for the final and the best-dev prompt (test untouched during training; cheaper)",
-    "server_sigma": "paper: Eq. 6 step size; reference: the NVFlare example's rule",
+    "server_sigma": "paper: Eq. 6 sets the server step before tell, the step sent is (after / before) x previous "
+    "sent; reference: the NVFlare example's rule; eq6_sent: ablation that sends the post-tell step (diverges)",
+    "local_adaptation": "step-size adaptation of the local CMA-ES: csa (as cma 3.4, which the reference pinned) or tpa",
     "aggregation": "fedbpt: server CMA-ES (paper); fedavg: FedAvg-BBT baseline; local: clients search alone (baseline)",
     "cov_mode": "covariance sent to clients: full (float32 triangle), diag, none",
     "precision": "fp32 | bf16 | fp16 (autocast; bf16/fp16 need CUDA)",
@@ -113,7 +126,11 @@ HELP = {
 CHOICES = {
     "loss_type": ("ce", "hinge", "perf"),
     "cat_or_add": ("add", "cat"),
-    "server_sigma": ("paper", "reference"),
+    "label_encoding": ("bare", "space"),
+    "partition": ("hsu", "per_class"),
+    "eq7": ("mean_ratio", "per_example"),
+    "local_adaptation": ("csa", "tpa"),
+    "server_sigma": ("paper", "reference", "eq6_sent"),
     "aggregation": ("fedbpt", "fedavg", "local"),
     "cov_mode": ("full", "diag", "none"),
     "precision": ("fp32", "bf16", "fp16"),
@@ -206,8 +223,12 @@ def validate(cfg: dict) -> dict:
     for key in positive:
         if int(cfg[key]) < 1:
             raise ConfigError(f"--{key} must be at least 1, got {cfg[key]}")
-    if int(cfg["local_popsize"]) < 3:  # pycma's TPA (d >= 300) needs a mirrored pair plus one sample
-        raise ConfigError(f"--local_popsize must be at least 3, got {cfg['local_popsize']}")
+    least = 3 if cfg["local_adaptation"] == "tpa" else 2  # TPA needs a mirrored pair plus one sample
+    if int(cfg["local_popsize"]) < least:
+        raise ConfigError(
+            f"--local_popsize must be at least {least} with --local_adaptation {cfg['local_adaptation']}, "
+            f"got {cfg['local_popsize']}"
+        )
     n = int(cfg["num_clients"])
     cfg["min_clients"] = n if cfg["min_clients"] is None else int(cfg["min_clients"])
     if not 1 <= cfg["min_clients"] <= n:

@@ -122,13 +122,125 @@ def k_shot_indices(labels: np.ndarray, k_shot: int, num_classes: int, seed: int)
     return train_idx, dev_idx
 
 
-def partition(
-    labels: np.ndarray, num_clients: int, iid: bool, alpha: float, num_classes: int, seed: int
-) -> list[np.ndarray]:
-    """Split positions 0..len(labels)-1 among clients: even IID split or Dirichlet label skew.
+def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """argmin ||a x - b|| over x >= 0 (Lawson-Hanson active set): finite and exact up to rounding, with no solver
+    dependency. The passive columns stay linearly independent, so the answer is a basic solution."""
+    m, n = a.shape
+    x = np.zeros(n)
+    passive = np.zeros(n, dtype=bool)
+    tol = 10 * np.finfo(float).eps * max(m, n) * max(np.abs(a).sum(axis=0).max(), 1.0)
+    for _ in range(3 * n + 10):
+        w = a.T @ (b - a @ x)
+        if passive.all() or w[~passive].max() <= tol:
+            break
+        passive[np.argmax(np.where(passive, -np.inf, w))] = True
+        while True:
+            z = np.zeros(n)
+            z[passive] = np.linalg.lstsq(a[:, passive], b, rcond=None)[0]
+            if (z[passive] > tol).all():
+                break
+            # step back along x -> z to the first passive variable that would turn negative, and drop it
+            bad = passive & (z <= tol)
+            step = np.min(x[bad] / np.maximum(x[bad] - z[bad], 1e-300))  # 0 when a just-added variable fails
+            x = x + step * (z - x)
+            passive &= x > tol
+            x[~passive] = 0.0
+        x = z
+    return x
 
-    Non-IID draws one Dirichlet(alpha) vector per class; every client is guaranteed at least one example by
-    moving single examples from the largest shard (deterministic, no solver).
+
+def least_norm_sizes(mix: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Client sizes x >= 0 of least ||x|| with sum_k mix[k, c] x_k = counts[c] for every class c (Hsu et al. 2019).
+
+    ``mix`` is clients x classes, rows on the simplex. Solved exactly as a least-distance program through NNLS
+    (Lawson & Hanson, ch. 23) on the class shares, so the scale is O(1) whatever the counts. When no x >= 0 meets
+    the counts (more classes than clients, or the global mix outside the cone of the client mixes) the QP has no
+    solution, which the reference's cvxopt call cannot handle; the sizes then fall back to the nonnegative
+    least-squares fit of the counts (see class_takes for the over-asked classes).
+    """
+    mix = np.asarray(mix, dtype=float)
+    counts = np.asarray(counts, dtype=float)
+    total = counts.sum()
+    a, b = mix.T, counts / total  # classes x clients; shares sum to 1, and so do the sizes when feasible
+    k = a.shape[1]
+    # min ||x|| s.t. g x >= h, with the equalities as two inequalities each: x = -r[:k] / r[k] where r = e u - f,
+    # u = NNLS(e = [g^T; h^T], f = e_{k+1}); r = 0 means infeasible, and ||r||^2 = 1 / (1 + ||x||^2) >= 1/2 otherwise
+    g = np.vstack([a, -a, np.eye(k)])
+    h = np.concatenate([b, -b, np.zeros(k)])
+    e = np.vstack([g.T, h[None, :]])
+    f = np.zeros(k + 1)
+    f[k] = 1.0
+    r = e @ _nnls(e, f) - f
+    if r @ r > 0.25:
+        x = np.maximum(-r[:k] / r[k], 0.0)
+        if np.abs(a @ x - b).max() < 1e-6:
+            return x * total
+    return _nnls(a, b) * total
+
+
+def _give_empty_clients_one(shards: list[list[int]]) -> None:
+    """Every client must hold an example: move single examples from the largest shard (ties: lowest index)."""
+    for k in range(len(shards)):
+        if not shards[k]:
+            donor = max(range(len(shards)), key=lambda j: (len(shards[j]), -j))
+            shards[k].append(shards[donor].pop())
+
+
+def _per_class(labels: np.ndarray, num_clients: int, alpha: float, num_classes: int, rng) -> list[list[int]]:
+    shards: list[list[int]] = [[] for _ in range(num_clients)]
+    for c in range(num_classes):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        props = rng.dirichlet(np.full(num_clients, alpha))
+        cuts = (np.cumsum(props)[:-1] * len(idx)).astype(np.int64)
+        for k, part in enumerate(np.split(idx, cuts)):
+            shards[k].extend(part.tolist())
+    return shards
+
+
+def class_takes(want: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Whole examples per client (rows) and class: floor(want). Only the sizes' infeasible fallback can ask for more
+    of a class than there is; then that class's requests shrink in proportion, so no client is favoured by order."""
+    want = np.asarray(want, dtype=float)
+    asked = want.sum(axis=0)
+    want = want * np.where(asked > counts, counts / np.maximum(asked, 1e-300), 1.0)
+    return np.floor(want + 1e-9).astype(np.int64)  # 1e-9: a request of 2.9999999999 is 3 examples
+
+
+def _hsu(labels: np.ndarray, num_clients: int, alpha: float, num_classes: int, rng) -> list[list[int]]:
+    counts = np.bincount(labels, minlength=num_classes)
+    present = counts > 0
+    mix = np.zeros((num_clients, num_classes))
+    mix[:, present] = rng.dirichlet(alpha * counts[present] / len(labels), size=num_clients)
+    take = class_takes(mix * least_norm_sizes(mix, counts)[:, None], counts)
+    shards: list[list[int]] = [[] for _ in range(num_clients)]
+    rest: list[int] = []
+    for c in range(num_classes):
+        parts = np.split(rng.permutation(np.flatnonzero(labels == c)), np.cumsum(take[:, c]))
+        for k in range(num_clients):
+            shards[k].extend(parts[k].tolist())
+        rest.extend(parts[num_clients].tolist())
+    for i, k in zip(rest, rng.integers(0, num_clients, size=len(rest))):
+        shards[k].append(i)
+    return shards
+
+
+def partition(
+    labels: np.ndarray,
+    num_clients: int,
+    iid: bool,
+    alpha: float,
+    num_classes: int,
+    seed: int,
+    scheme: str = "hsu",
+) -> list[np.ndarray]:
+    """Split positions 0..len(labels)-1 among clients: an even IID split, or Dirichlet label skew.
+
+    ``scheme`` picks the non-IID split. hsu (the reference's ``Dirichlet_noniid``, Hsu et al. 2019): each client
+    draws its class mix q_k ~ Dir(alpha * p), p the class shares of ``labels``; sizes x are the least-norm x >= 0
+    with sum_k q_k[c] x_k = n_c (see least_norm_sizes); client k gets floor(q_k[c] x_k) of a seeded shuffle of class
+    c, and the leftovers go to uniformly drawn clients. per_class: each class is split over clients by one
+    Dir(alpha * 1) vector (the same alpha gives a different skew). Either way every client is guaranteed an example
+    by moving single examples from the largest shard. All draws come from one generator seeded with ``seed``.
     """
     n = len(labels)
     if n < num_clients:
@@ -138,17 +250,13 @@ def partition(
     rng = np.random.default_rng(seed)
     if iid:
         return [np.sort(s) for s in np.array_split(rng.permutation(n), num_clients)]
-    shards: list[list[int]] = [[] for _ in range(num_clients)]
-    for c in range(num_classes):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        props = rng.dirichlet(np.full(num_clients, alpha))
-        cuts = (np.cumsum(props)[:-1] * len(idx)).astype(np.int64)
-        for k, part in enumerate(np.split(idx, cuts)):
-            shards[k].extend(part.tolist())
-    for k in range(num_clients):
-        if not shards[k]:
-            donor = max(range(num_clients), key=lambda j: (len(shards[j]), -j))
-            shards[k].append(shards[donor].pop())
+    if scheme == "hsu":
+        shards = _hsu(labels, num_clients, alpha, num_classes, rng)
+    elif scheme == "per_class":
+        shards = _per_class(labels, num_clients, alpha, num_classes, rng)
+    else:
+        raise ConfigError(f"unknown --partition {scheme!r}: use hsu or per_class")
+    _give_empty_clients_one(shards)
     return [np.sort(np.asarray(s, dtype=np.int64)) for s in shards]
 
 
@@ -182,11 +290,13 @@ def site_data(
     alpha: float,
     seed: int,
     full_train: Examples | None = None,
+    scheme: str = "hsu",
 ) -> SiteData:
-    """This site's train and dev shards of the k-shot sample."""
+    """This site's train and dev shards of the k-shot sample. ``scheme`` (hsu / per_class) is the non-IID partition
+    of the train split; dev is always split IID, as the reference keeps it."""
     full = full_train if full_train is not None else load_split(task, "train", data_dir)
     train_idx, dev_idx = k_shot_indices(full.labels, k_shot, task.num_classes, seed)
     train, dev = full.subset(train_idx), full.subset(dev_idx)
-    train_parts = partition(train.labels, num_clients, iid, alpha, task.num_classes, seed + 1)
-    dev_parts = partition(dev.labels, num_clients, iid, alpha, task.num_classes, seed + 2)
+    train_parts = partition(train.labels, num_clients, iid, alpha, task.num_classes, seed + 1, scheme=scheme)
+    dev_parts = partition(dev.labels, num_clients, True, alpha, task.num_classes, seed + 2)
     return SiteData(train.subset(train_parts[index]), dev.subset(dev_parts[index]))

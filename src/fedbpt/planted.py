@@ -45,7 +45,7 @@ import numpy as np
 from fedbpt.tasks import ConfigError, get_task
 
 PLANTED = "planted"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2  # 2: tiny tokenizer with bare and spaced label words, label_encoding in the key
 WINDOW_TOKENS = 16
 POOL_WINDOWS = 1200  # k-shot train + dev are drawn from these
 TEST_WINDOWS = 500
@@ -171,7 +171,7 @@ def _readout_into_head(model, label_ids: list[int], scale: float, bias: np.ndarr
 def bundle_key(cfg: dict, texts: list[str]) -> str:
     h = hashlib.sha256()
     fields = [BUNDLE_VERSION, cfg["seed"], cfg["n_prompt_tokens"], cfg["intrinsic_dim"], cfg["sigma"]]
-    fields += [cfg["cat_or_add"], PROMPT_SCALE, WINDOW_TOKENS, POOL_WINDOWS, TEST_WINDOWS]
+    fields += [cfg["cat_or_add"], cfg["label_encoding"], PROMPT_SCALE, WINDOW_TOKENS, POOL_WINDOWS, TEST_WINDOWS]
     h.update(json.dumps(fields).encode())
     for t in texts:
         h.update(t.encode() + b"\0")
@@ -192,6 +192,7 @@ def _scorer(cfg: dict, model_dir: str):
         "cpu",
         "fp32",
         cfg["max_batch_tokens"],
+        label_encoding=cfg["label_encoding"],
     )
 
 
@@ -280,7 +281,7 @@ def _build(cfg: dict, texts: list[str], out: str) -> None:
     scale = LOGIT_SCALE / float(np.std(planted[:, 1] - planted[:, 0]))
     label_ids = scorer.label_ids
     scorer.close()
-    _MODEL_CACHE.pop((scaled, "cpu"), None)
+    _MODEL_CACHE.pop((scaled, "cpu", "sdpa"), None)  # load_model's key: (path, device, attention)
 
     model = AutoModelForMaskedLM.from_pretrained(scaled)
     _readout_into_head(model, label_ids, scale, bias)
@@ -293,7 +294,7 @@ def _build(cfg: dict, texts: list[str], out: str) -> None:
     final = _scorer(cfg, model_dir)
     logits = final.label_logits(np.stack([np.zeros(d), z_star]), enc)
     final.close()
-    _MODEL_CACHE.pop((model_dir, "cpu"), None)
+    _MODEL_CACHE.pop((model_dir, "cpu", "sdpa"), None)
     labels = logits[1].argmax(-1)
     data_dir = os.path.join(out, "data")
     os.makedirs(data_dir)

@@ -1,8 +1,21 @@
 """The black-box scorer: a frozen masked LM, the random projection A, and prompt injection.
 
-Only label-word logits at the mask position leave this module. The prompt enters through forward hooks on
-the model's public embedding modules, so any Hugging Face masked LM with a word-embedding module inside an
-embeddings block works (RoBERTa, BERT, ...); no model code is copied or patched.
+Only label-word logits at the mask position leave this module. The prompt P = A z (n x h) enters through a
+forward hook on the model's embeddings block (word + position + type embeddings, LayerNorm), so any Hugging Face
+masked LM with a word-embedding module inside an embeddings block works (RoBERTa, BERT, ...); no model code is
+copied or patched. Two modes:
+
+- add (default): the input is ``<s>``, n placeholder tokens, the template, ``</s>``; P is added to the block's
+  output at positions 1..n (the placeholders' own embeddings stay underneath).
+- cat (the reference and BBT): the input carries no placeholders; P is concatenated in front of the block's output
+  for the whole sequence (before ``<s>``) and the attention mask gets n ones in front. The text keeps the position
+  ids the model derives from its own tokens (RoBERTa: 2, 3, ... from ``<s>`` on; BERT: 0, 1, ...); the prompt rows
+  get no position or token-type embedding and no LayerNorm. The model sequence is n rows longer than the ids.
+
+In both modes ``Encoded.mask_pos`` is the mask's row in the model's sequence (the ids' position + n).
+
+Label words (``label_encoding``): bare (default, as the reference and BBT) takes the first token of the word without
+a leading space, warning once when the word splits; space takes the space-prefixed word, which must be one token.
 
 Speed: a whole CMA-ES generation (and its perturbed twin) is scored in few forward passes within the token
 budget; examples are sorted by length and cut into passes that minimise padded tokens plus a fixed cost per
@@ -35,11 +48,16 @@ PASS_OVERHEAD_FLOP = 5e8
 PASS_OVERHEAD_TOKENS = {"cpu": 1024, "cuda": 4096}
 _MODEL_CACHE: dict[tuple, tuple] = {}
 _PROJECTION_CACHE: dict[tuple, object] = {}
+_SPLIT_WARNED: set[tuple] = set()  # (tokenizer, word): a split label word is reported once per process
 
 
 @dataclass
 class Encoded:
-    """Tokenised examples. ``text_mask`` marks ordinary text tokens: the only ones perturbation may replace."""
+    """Tokenised examples. ``text_mask`` marks ordinary text tokens: the only ones perturbation may replace.
+
+    ``lengths`` counts the ids; in cat mode the model sees the scorer's n prompt rows in front of them as well
+    (``Scorer.extra_rows``), and ``mask_pos`` is the mask's row in that model sequence.
+    """
 
     ids: list[np.ndarray]
     text_mask: list[np.ndarray]
@@ -122,6 +140,52 @@ def _render(template: str, columns: tuple[str, ...], values: tuple[str, ...], ma
     return "".join(out), spans
 
 
+def label_token_ids(tokenizer, words: tuple[str, ...], encoding: str = "bare") -> list[int]:
+    """The token id of each label word: its logit at the mask is the word's score.
+
+    bare (the reference and BBT): ``tokenizer.encode(word, add_special_tokens=False)[0]``, the word without a
+    leading space; a word that splits gives its first piece, as the reference silently does, with one warning.
+    space: the space-prefixed word, which must be a single token. Two words on one id are refused.
+    """
+    ids = []
+    for word in words:
+        if encoding == "bare":
+            pieces = tokenizer.encode(word, add_special_tokens=False)
+            if not pieces:
+                raise ConfigError(f"label word '{word}' encodes to no token: use a non-empty label word")
+            if len(pieces) > 1:
+                key = (getattr(tokenizer, "name_or_path", id(tokenizer)), word)
+                if key not in _SPLIT_WARNED:
+                    _SPLIT_WARNED.add(key)
+                    log.warning(
+                        "label word '%s' is %d tokens for this tokenizer; using its first piece '%s' (as the "
+                        "reference does); pass --label_encoding space to score the space-prefixed word as one token",
+                        word,
+                        len(pieces),
+                        tokenizer.decode([pieces[0]]),
+                    )
+        elif encoding == "space":
+            pieces = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+            if len(pieces) != 1:
+                raise ConfigError(
+                    f"label word '{word}' is {len(pieces)} tokens for this tokenizer: FedBPT needs single-token label "
+                    f"words with --label_encoding space; use a model whose vocabulary has ' {word}' as one token, or "
+                    f"--label_encoding bare"
+                )
+        else:
+            raise ConfigError(f"unknown --label_encoding {encoding}: use bare or space")
+        ids.append(int(pieces[0]))
+    for j, tid in enumerate(ids):
+        first = ids.index(tid)
+        if first != j:
+            raise ConfigError(
+                f"label words '{words[first]}' and '{words[j]}' are both token {tid} "
+                f"('{tokenizer.decode([tid])}') with --label_encoding {encoding}: use distinct label words, or the "
+                f"other --label_encoding"
+            )
+    return ids
+
+
 class Scorer:
     """Scores candidate z vectors on encoded examples through the frozen model."""
 
@@ -138,14 +202,20 @@ class Scorer:
         precision: str = "fp32",
         max_batch_tokens: int = 32768,
         attn_implementation: str = "sdpa",
+        label_encoding: str = "bare",
     ) -> None:
         import torch
 
+        if cat_or_add not in ("add", "cat"):
+            raise ConfigError(f"unknown --cat_or_add {cat_or_add}: use add or cat")
         self.torch = torch
         self.task = task
         self.n_prompt = n_prompt_tokens
         self.d = intrinsic_dim
         self.mode = cat_or_add
+        # rows the model sees beyond the ids: cat puts the n prompt rows in front of the embedding output
+        self.extra_rows = n_prompt_tokens if cat_or_add == "cat" else 0
+        self.label_encoding = label_encoding
         self.device = torch.device(device)
         self.max_batch_tokens = max_batch_tokens
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -156,15 +226,7 @@ class Scorer:
         if tok.mask_token_id is None:
             raise ConfigError(f"model '{model_path}' has no mask token: FedBPT needs a masked LM")
 
-        self.label_ids = []
-        for word in task.label_words:
-            ids = tok(" " + word, add_special_tokens=False)["input_ids"]
-            if len(ids) != 1:
-                raise ConfigError(
-                    f"label word '{word}' is {len(ids)} tokens for this tokenizer: FedBPT needs single-token label "
-                    f"words; use a model whose vocabulary has ' {word}' as one token"
-                )
-            self.label_ids.append(ids[0])
+        self.label_ids = label_token_ids(tok, tuple(task.label_words), label_encoding)
 
         word_emb = self.model.get_input_embeddings()
         self.hidden = word_emb.weight.shape[1]
@@ -209,7 +271,7 @@ class Scorer:
             _PROJECTION_CACHE[key] = a.t().contiguous().to(self.device)
         self.A_t = _PROJECTION_CACHE[key]
         self._prompt = None
-        self._hook = (self.embeddings_module if cat_or_add == "add" else word_emb).register_forward_hook(self._inject)
+        self._hook = self.embeddings_module.register_forward_hook(self._inject)
 
     def close(self) -> None:
         """Detach the prompt hook from the (process-cached, shared) model."""
@@ -247,7 +309,14 @@ class Scorer:
         n = self.n_prompt
         if self.mode == "add":
             return self.torch.cat([output[:, :1], output[:, 1 : 1 + n] + p, output[:, 1 + n :]], dim=1)
-        return self.torch.cat([output[:, :1], p, output[:, 1 + n :]], dim=1)
+        return self.torch.cat([p, output], dim=1)  # cat: the whole sequence n rows longer, P before <s>
+
+    def _model_mask(self, att):
+        """The attention mask of the model's sequence from that of the ids: cat mode attends to its n prompt rows."""
+        if att is None or not self.extra_rows:
+            return att
+        ones = self.torch.ones((att.shape[0], self.extra_rows), dtype=att.dtype, device=att.device)
+        return self.torch.cat([ones, att], dim=1)
 
     @contextlib.contextmanager
     def prompt(self, rows):
@@ -279,8 +348,10 @@ class Scorer:
             if len(positions) != 1:
                 raise ConfigError(f"the encoded template of task {task.name} has {len(positions)} mask tokens, not 1")
             in_text &= x != tok.mask_token_id
-            x = np.concatenate([x[:1], self.placeholder_ids, x[1:]])
-            in_text = np.concatenate([[False], np.zeros(self.n_prompt, dtype=bool), in_text[1:]])
+            if self.mode == "add":
+                x = np.concatenate([x[:1], self.placeholder_ids, x[1:]])
+                in_text = np.concatenate([[False], np.zeros(self.n_prompt, dtype=bool), in_text[1:]])
+            # add: n placeholders after <s>; cat: n prompt rows in front of <s>. Either way the mask is n rows on.
             ids.append(x)
             text_masks.append(in_text)
             mask_pos.append(positions[0] + self.n_prompt)
@@ -292,7 +363,9 @@ class Scorer:
 
     # ---- scoring --------------------------------------------------------------------------------------
     def _padded(self, enc: Encoded, idx: np.ndarray):
-        """(ids, attention mask) of the examples ``idx``, padded to their own longest.
+        """(ids, attention mask of the model's sequence) of the examples ``idx``, padded right to their own longest.
+
+        In cat mode the mask is n ones (the prompt rows) followed by the ids' mask.
 
         The mask is None when no row is padded: the model attends everywhere either way, and skipping the mask
         saves building and applying it (tiny model, eager attention, 80 x 40 tokens: 7.7 instead of 9.0 ms; no change
@@ -308,7 +381,7 @@ class Scorer:
         for r, j in enumerate(idx):
             ids[r, : enc.lengths[j]] = enc.ids[j]
             att[r, : enc.lengths[j]] = 1
-        return torch.from_numpy(ids).to(self.device), torch.from_numpy(att).to(self.device)
+        return torch.from_numpy(ids).to(self.device), self._model_mask(torch.from_numpy(att).to(self.device))
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -323,21 +396,22 @@ class Scorer:
         out = np.zeros((c_total, n_ex, len(self.label_ids)), dtype=np.float32)
         if n_ex == 0:
             return out
-        longest = max(len(x) for x in enc.ids)
+        rows = enc.lengths + self.extra_rows  # the model's sequence lengths: the budget counts cat's prompt rows
+        longest = int(rows.max())
         # candidates per pass: as many as fit the token budget with at least one example each
         c_chunk = max(1, min(c_total, self.max_batch_tokens // longest))
         with torch.inference_mode(), self._autocast():
             for c0 in range(0, c_total, c_chunk):
                 p = self.prompts(z[c0 : c0 + c_chunk])
                 cc = len(p)
-                for idx in plan_batches(enc.lengths, cc, self.max_batch_tokens, self.pass_overhead_tokens):
+                for idx in plan_batches(rows, cc, self.max_batch_tokens, self.pass_overhead_tokens):
                     ids, att = self._padded(enc, idx)
                     b = len(idx)
-                    rows = p.repeat_interleave(b, dim=0)  # candidate-major: row = c * b + example
+                    prompt_rows = p.repeat_interleave(b, dim=0)  # candidate-major: row = c * b + example
                     ids_r = ids.repeat(cc, 1)
                     att_r = att.repeat(cc, 1) if att is not None else None
                     mpos = torch.as_tensor(enc.mask_pos[idx], device=self.device).repeat(cc)
-                    with self.prompt(rows):
+                    with self.prompt(prompt_rows):
                         logits = self._mask_logits(ids_r, att_r, mpos)
                     out[c0 : c0 + cc, idx] = logits.float().view(cc, b, -1).cpu().numpy()
         return out
@@ -353,10 +427,13 @@ class Scorer:
             return self.model(input_ids=ids, attention_mask=att).logits[rows, mpos]
 
     def full_vocab_mask_logits(self, z: np.ndarray, ids, att, mpos):
-        """Reference path: the unmodified model with its full-vocabulary head; logits at the mask (B, V)."""
+        """Reference path: the unmodified model with its full-vocabulary head; logits at the mask (B, V).
+
+        ``att`` masks ``ids`` (None: no padding); ``mpos`` are rows of the model's sequence (``Encoded.mask_pos``).
+        """
         torch = self.torch
         with torch.inference_mode(), self.prompt(self.prompts(z)[0]):
-            logits = self.model(input_ids=ids, attention_mask=att).logits
+            logits = self.model(input_ids=ids, attention_mask=self._model_mask(att)).logits
         return logits[torch.arange(len(ids)), mpos]
 
 
@@ -399,13 +476,33 @@ def plan_batches(lengths: np.ndarray, rows_per_example: int, max_tokens: int, ov
     return batches
 
 
-def loss_and_metrics(logits: np.ndarray, labels: np.ndarray, loss_type: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-candidate loss (C,) and confusion matrices (C, L, L) [true, predicted] from (C, N, L) logits.
+def example_losses(logits: np.ndarray, labels: np.ndarray, loss_type: str) -> np.ndarray:
+    """Per-candidate, per-example loss (C, N) from (C, N, L) logits; :func:`loss_and_metrics` averages it.
 
-    ce: mean cross-entropy over the label words. hinge: multi-class margin loss, margin 2, as
-    torch.nn.MultiMarginLoss (per example: sum over wrong classes of max(0, 2 - s_y + s_j), divided by the
-    number of classes), summed over examples and divided by N. perf: minus accuracy.
+    ce: cross-entropy over the label words. hinge: multi-class margin loss, margin 2, as torch.nn.MultiMarginLoss
+    (the sum over wrong classes of max(0, 2 - s_y + s_j), divided by the number of classes). perf: minus the
+    0/1 correctness.
     """
+    x = np.asarray(logits, dtype=np.float64)
+    c, n, k = x.shape
+    y = np.asarray(labels, dtype=np.int64)
+    true = x[:, np.arange(n), y]
+    if loss_type == "ce":
+        m = x.max(-1)
+        return m + np.log(np.exp(x - m[..., None]).sum(-1)) - true
+    if loss_type == "hinge":
+        margins = np.maximum(0.0, 2.0 - true[..., None] + x)
+        margins[:, np.arange(n), y] = 0.0
+        return margins.sum(-1) / k
+    if loss_type == "perf":
+        return -(x.argmax(-1) == y).astype(np.float64)
+    raise ConfigError(f"unknown --loss_type {loss_type}: use ce, hinge or perf")
+
+
+def loss_and_metrics(logits: np.ndarray, labels: np.ndarray, loss_type: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-candidate loss (C,), the mean of :func:`example_losses`, and confusion matrices (C, L, L) [true, predicted]
+    from (C, N, L) logits. perf is minus accuracy; hinge is summed over examples and divided by N, as
+    torch.nn.MultiMarginLoss's mean."""
     x = np.asarray(logits, dtype=np.float64)
     c, n, k = x.shape
     y = np.asarray(labels, dtype=np.int64)
@@ -415,20 +512,7 @@ def loss_and_metrics(logits: np.ndarray, labels: np.ndarray, loss_type: str) -> 
         np.add.at(conf[ci], (y, pred[ci]), 1)
     if n == 0:
         return np.zeros(c), conf
-    true = x[:, np.arange(n), y]
-    if loss_type == "ce":
-        m = x.max(-1)
-        lse = m + np.log(np.exp(x - m[..., None]).sum(-1))
-        loss = (lse - true).mean(-1)
-    elif loss_type == "hinge":
-        margins = np.maximum(0.0, 2.0 - true[..., None] + x)
-        margins[:, np.arange(n), y] = 0.0
-        loss = margins.sum(-1).sum(-1) / k / n
-    elif loss_type == "perf":
-        loss = -(pred == y).mean(-1)
-    else:
-        raise ConfigError(f"unknown --loss_type {loss_type}: use ce, hinge or perf")
-    return loss, conf
+    return example_losses(x, y, loss_type).mean(-1), conf
 
 
 def metric_from_confusion(conf: np.ndarray, metric: str) -> float:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedbpt.scorer import Encoded, loss_and_metrics
+from fedbpt.scorer import Encoded, example_losses, loss_and_metrics
 
 EPS = 1e-12
 
@@ -34,9 +34,10 @@ class GlobalState:
 class LocalResult:
     mean: np.ndarray
     fitness: float
-    sigmas: np.ndarray
+    sigmas: np.ndarray  # the step each iteration sampled with: sigmas[0] is the received step
     popsize: int
     evaluations: int
+    sigma_final: float  # the step after the last tell
 
 
 def derive_seed(*parts: int) -> int:
@@ -59,9 +60,20 @@ def perturb(enc: Encoded, rate: float, vocab_ids: np.ndarray, rng: np.random.Gen
     return enc.with_ids(new_ids)
 
 
-def eq7_fitness(clean_loss: np.ndarray, perturbed_loss: np.ndarray) -> np.ndarray:
-    """Paper Eq. 7: clean loss over perturbed loss (lower is better). The divisor is floored at 1e-12."""
-    return np.asarray(clean_loss, dtype=np.float64) / np.maximum(np.asarray(perturbed_loss, dtype=np.float64), EPS)
+def eq7_fitness(clean_loss: np.ndarray, perturbed_loss: np.ndarray, form: str = "mean_ratio") -> np.ndarray:
+    """Eq. 7 (lower is better) from per-example losses (C, N) of the clean and the perturbed copy.
+
+    mean_ratio (the reference): mean clean loss / mean perturbed loss. per_example (the paper's formula): the mean
+    over examples of clean_i / perturbed_i; the mean, not the sum, so that fitnesses of shards of different sizes
+    compare (CMA-ES and the S' ranking see only the order within a client). Divisors are floored at 1e-12.
+    """
+    clean = np.atleast_2d(np.asarray(clean_loss, dtype=np.float64))
+    pert = np.atleast_2d(np.asarray(perturbed_loss, dtype=np.float64))
+    if form == "mean_ratio":
+        return clean.mean(-1) / np.maximum(pert.mean(-1), EPS)
+    if form == "per_example":
+        return (clean / np.maximum(pert, EPS)).mean(-1)
+    raise ValueError(f"unknown Eq. 7 form {form!r}: mean_ratio or per_example")
 
 
 def concat(a: Encoded, b: Encoded) -> Encoded:
@@ -82,9 +94,11 @@ class LocalObjective:
         clean: Encoded,
         loss_type: str,
         perturbed: Encoded | None = None,
+        eq7: str = "mean_ratio",
     ) -> None:
         self.logits_fn = logits_fn
         self.loss_type = loss_type
+        self.eq7 = eq7
         self.n = len(clean)
         self.perturbed = perturbed is not None
         self.inputs = concat(clean, perturbed) if perturbed is not None else clean
@@ -94,11 +108,10 @@ class LocalObjective:
         z = np.atleast_2d(z)
         self.evaluations += len(z)
         logits = self.logits_fn(z, self.inputs)
-        clean, _ = loss_and_metrics(logits[:, : self.n], self.inputs.labels[: self.n], self.loss_type)
         if not self.perturbed:
-            return clean
-        pert, _ = loss_and_metrics(logits[:, self.n :], self.inputs.labels[self.n :], self.loss_type)
-        return eq7_fitness(clean, pert)
+            return loss_and_metrics(logits, self.inputs.labels, self.loss_type)[0]
+        losses = example_losses(logits, self.inputs.labels, self.loss_type)
+        return eq7_fitness(losses[:, : self.n], losses[:, self.n :], self.eq7)
 
 
 _EIGH_CACHE: OrderedDict[bytes, tuple[np.ndarray, np.ndarray]] = OrderedDict()
@@ -130,10 +143,35 @@ def set_covariance(es, cov: np.ndarray | None) -> None:
     es._updateBDfromSM()
 
 
-def make_es(mean: np.ndarray, sigma: float, popsize: int, seed: int, bound: float, extra: dict | None = None):
+def adaptation_class(name: str):
+    """pycma's step-size adaptation class: csa (cma 3.4's default, which the reference pinned) or tpa (what cma 4.x
+    picks on its own at d >= its threshold). Always passed explicitly, so a pycma upgrade cannot change it."""
     import cma
 
-    opts = {"popsize": popsize, "seed": seed, "verbose": -9, "CMA_diagonal": False}
+    classes = {"csa": cma.sigma_adaptation.CMAAdaptSigmaCSA, "tpa": cma.sigma_adaptation.CMAAdaptSigmaTPA}
+    if name not in classes:
+        raise ValueError(f"unknown step-size adaptation {name!r}: csa or tpa")
+    return classes[name]
+
+
+def make_es(
+    mean: np.ndarray,
+    sigma: float,
+    popsize: int,
+    seed: int,
+    bound: float,
+    extra: dict | None = None,
+    adaptation: str = "csa",
+):
+    import cma
+
+    opts = {
+        "popsize": popsize,
+        "seed": seed,
+        "verbose": -9,
+        "CMA_diagonal": False,
+        "AdaptSigma": adaptation_class(adaptation),
+    }
     if bound > 0:
         opts["bounds"] = [-bound, bound]
     opts.update(extra or {})
@@ -148,9 +186,12 @@ def local_search(
     seed: int,
     bound: float = 0.0,
     should_stop: Callable[[], bool] | None = None,
+    adaptation: str = "csa",
 ) -> LocalResult:
     """I iterations of CMA-ES from (m_t, sigma_t, C_t); returns the final mean, F(mean) and the I step sizes.
 
+    The step sizes are recorded as the reference records them: the step each iteration samples with (read before
+    ask), so the list starts with the received sigma_t and leaves out the step after the last tell.
     pycma draws from numpy's global generator, seeded here from ``seed`` (derived from seed, site and round):
     each client samples its own candidates, and a rerun samples the same ones.
     """
@@ -161,21 +202,22 @@ def local_search(
     # run on OpenMP, so the objective's forward passes would lose all but one core.
     with threadpool_limits(1, user_api="blas"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pycma's notes about flat fitness or small populations
-        es = make_es(state.mean, state.sigma, popsize, seed, bound, {"CMA_eigenmethod": cached_eigh})
+        es = make_es(state.mean, state.sigma, popsize, seed, bound, {"CMA_eigenmethod": cached_eigh}, adaptation)
         set_covariance(es, state.cov)
         sigmas = []
         evaluations = 0
         for _ in range(iterations):
             if should_stop is not None and should_stop():
                 raise InterruptedError("local search aborted")
+            sigmas.append(float(es.sigma))
             x = es.ask()
             f = objective(np.asarray(x))
             evaluations += len(x)
             es.tell(x, [float(v) for v in f])
-            sigmas.append(es.sigma)
         mean = np.asarray(es.result.xfavorite, dtype=np.float64)
+        sigma_final = float(es.sigma)
     fitness = float(objective(mean[None])[0])
-    return LocalResult(mean, fitness, np.asarray(sigmas, dtype=np.float64), popsize, evaluations + 1)
+    return LocalResult(mean, fitness, np.asarray(sigmas, dtype=np.float64), popsize, evaluations + 1, sigma_final)
 
 
 def evaluate(logits_fn: Callable, z: np.ndarray, enc: Encoded, loss_type: str) -> dict:

@@ -52,6 +52,7 @@ class SiteSettings:
             cfg["alpha_dir"],
             cfg["seed"],
             full_train=full_train,
+            scheme=cfg["partition"],
         )
 
 

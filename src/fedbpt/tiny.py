@@ -21,12 +21,13 @@ import numpy as np
 
 TINY_NAME = "tiny-random"
 TINY_DEFAULTS = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+TINY_VERSION = 2  # 2: label words boosted without a leading space too (a cached version-1 model lacks them)
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 
 
 def tiny_model_key(texts: list[str], label_words: Iterable[str], seed: int, vocab_size: int) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([seed, vocab_size, sorted(label_words), TINY_DEFAULTS]).encode())
+    h.update(json.dumps([TINY_VERSION, seed, vocab_size, sorted(label_words), TINY_DEFAULTS]).encode())
     for t in texts:
         h.update(t.encode())
         h.update(b"\0")
@@ -49,8 +50,10 @@ def build_tiny_model(
         return out_dir
     label_words = list(label_words)
     bpe = ByteLevelBPETokenizer()
-    # Repeating every label word guarantees it becomes a single token (" word"), as the scorer requires.
+    # Repeating every label word in both forms makes " word" and "word" single tokens, as the scorer requires under
+    # --label_encoding space and bare. Newlines split "word\nword" into bare pieces and add no merges of their own.
     boost = [" ".join([" " + w] * 50) for w in label_words] * 50
+    boost += ["\n".join([w] * 50) for w in label_words] * 50
     bpe.train_from_iterator(
         list(texts) + boost, vocab_size=vocab_size, min_frequency=2, show_progress=False, special_tokens=SPECIAL_TOKENS
     )

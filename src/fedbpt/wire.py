@@ -47,11 +47,16 @@ def decode_state(msg: dict) -> GlobalState:
     return GlobalState(int(msg["round"]), mean, float(msg["sigma"]), cov)
 
 
-def encode_update(mean: np.ndarray, fitness: float, sigmas: np.ndarray, popsize: int, n_train: int, **extra) -> dict:
+def encode_update(
+    mean: np.ndarray, fitness: float, sigmas: np.ndarray, popsize: int, n_train: int, sigma_final: float, **extra
+) -> dict:
+    """A client's upload. ``sigmas``: the I steps the local iterations sampled with (Eq. 6 and the reference rule
+    read them); ``sigma_final``: the step after the last tell (FedAvg-BBT and local-only continue from it)."""
     msg = {
         "mean": np.asarray(mean, dtype=np.float64),
         "fitness": float(fitness),
         "sigmas": np.asarray(sigmas, dtype=np.float64),
+        "sigma_final": float(sigma_final),
         "popsize": int(popsize),
         "n_train": int(n_train),
     }
@@ -73,7 +78,7 @@ def decode_update(site: str, msg: dict, d: int, local_iter: int, bound: float = 
     """
     if not isinstance(msg, dict):
         raise PayloadError(f"payload is {type(msg).__name__}, not a dict")
-    for key in ("mean", "fitness", "sigmas", "popsize"):
+    for key in ("mean", "fitness", "sigmas", "sigma_final", "popsize"):
         if key not in msg:
             raise PayloadError(f"missing key '{key}'")
     mean = msg["mean"]
@@ -89,6 +94,9 @@ def decode_update(site: str, msg: dict, d: int, local_iter: int, bound: float = 
     if not np.all(np.isfinite(sigmas)) or np.any(sigmas <= 0):
         raise PayloadError("'sigmas' must be finite and positive")
     fitness = _finite_number(msg, "fitness")
+    sigma_final = _finite_number(msg, "sigma_final")
+    if sigma_final <= 0:
+        raise PayloadError("'sigma_final' must be positive")
     popsize = int(_finite_number(msg, "popsize"))
     if popsize < 2:
         raise PayloadError(f"'popsize' must be at least 2, got {popsize}")
@@ -96,7 +104,9 @@ def decode_update(site: str, msg: dict, d: int, local_iter: int, bound: float = 
     for key in ("seconds_search", "seconds_eval"):  # timings go into the run record
         if key in msg and _finite_number(msg, key) < 0:
             raise PayloadError(f"'{key}' is negative")
-    return ClientUpdate(site, mean.astype(np.float64), fitness, sigmas.astype(np.float64), popsize, max(1, n_train))
+    return ClientUpdate(
+        site, mean.astype(np.float64), fitness, sigmas.astype(np.float64), popsize, max(1, n_train), sigma_final
+    )
 
 
 EVAL_SPLITS = ("train", "dev", "test", "best_test")  # best_test: the best-dev prompt, final evaluation only
