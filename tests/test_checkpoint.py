@@ -196,7 +196,7 @@ def test_foreign_npz_is_refused(tmp_path):
         ({"intrinsic_dim": D + 1}, "--intrinsic_dim 12 there, 13 here"),
         ({"task_name": "ag_news"}, "--task_name 'sst2' there, 'ag_news' here"),
         ({"seed": 99}, "--seed 1234 there, 99 here"),
-        ({"server_sigma": "paper"}, "--server_sigma 'reference' there, 'paper' here"),
+        ({"server_sigma": "reference"}, "--server_sigma 'paper' there, 'reference' here"),
     ],
 )
 def test_checkpoint_of_another_run_is_refused(tmp_path, change, flag):

@@ -94,7 +94,7 @@ def test_simulator_run_writes_a_complete_summary(three_clients, nvflare_fobs):
         "seed": 1234,
         "intrinsic_dim": 20,
         "n_prompt_tokens": 6,
-        "cat_or_add": "add",
+        "cat_or_add": "auto",  # as configured: add for this masked model (config.MODEL_KIND_DEFAULTS)
         "sigma": 1.0,
     }
     assert (ws / "server" / "simulate_job" / "tb_events").is_dir()  # TensorBoard scalars through NVFlare analytics
