@@ -7,12 +7,21 @@ python job.py --export --export-dir ./jobs                 # job folder for `nvf
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def protected_folders() -> dict[str, str]:
+    """Folders a workspace may not be, nor contain: the simulator wipes its workspace."""
+    return {
+        "the current directory": os.getcwd(),
+        "the project checkout": HERE,
+        "the home directory": os.path.expanduser("~"),
+    }
+
+
 SIMULATOR_POLL_SECONDS = 0.05  # NVFlare's default task_request_interval of 2 s would dominate short rounds
 # Our messages are a few KB (at most 0.5 MB: a float32 covariance triangle at d=500). Chunk size 0 makes FOBS
 # put numpy arrays inline instead of behind a separate download transaction: one round trip less per message.
@@ -54,13 +63,18 @@ def check_deployment_inputs(cfg: dict) -> None:
 
 def preflight(cfg: dict) -> None:
     """Fail fast, with one line, on what would otherwise fail inside every client process."""
+    from transformers import AutoConfig, AutoTokenizer
+
     from fedbpt.client import resolve_model_path
+    from fedbpt.config import check_machine, scorer_options
     from fedbpt.data import load_split, site_data
+    from fedbpt.models import check_model_folder, model_kind, resolve_model
     from fedbpt.scorer import check_model_source, label_token_ids
     from fedbpt.tasks import ConfigError, get_task
     from fedbpt.tiny import TINY_NAME
 
     check_deployment_inputs(cfg)
+    check_machine(cfg)
     task = get_task(cfg["task_name"])
     if task.name == "planted":  # synthetic: build its data and model once here, before the clients start
         from fedbpt.planted import ensure_bundle
@@ -70,7 +84,7 @@ def preflight(cfg: dict) -> None:
         return
     train = load_split(task, "train", cfg["data_dir"])
     # the k-shot sample and the split of every site (what site-1's would raise, all would)
-    site_data(
+    site1 = site_data(
         task,
         None,
         cfg["k_shot"],
@@ -82,45 +96,47 @@ def preflight(cfg: dict) -> None:
         full_train=train,
         scheme=cfg["partition"],
     )
-    load_split(task, task.test_split, cfg["data_dir"])
+    test = load_split(task, task.test_split, cfg["data_dir"])
     if cfg["model_name"] == TINY_NAME:
         cfg["model_cache_dir"] = cfg["model_cache_dir"] or os.path.join(cfg["workspace"], "models")
-        resolve_model_path(cfg, train.texts, cfg["model_cache_dir"])
-        return
-    from transformers import AutoTokenizer
-
-    from fedbpt.config import scorer_options
-    from fedbpt.models import model_kind, resolve_model
-
-    name = resolve_model(cfg["model_name"])  # smollm2-135m: converted here once, before the clients start
-    check_model_source(name)
+        name = resolve_model_path(cfg, train.texts, cfg["model_cache_dir"])
+    else:
+        name = resolve_model(cfg["model_name"])  # smollm2-135m: converted here once, before the clients start
+        check_model_source(name)
+        check_model_folder(name)
     kind = model_kind(name)
     if kind == "causal" and task.causal is None:
         raise ConfigError(f"task {task.name} has no causal-LM template: use a masked LM, or add one in fedbpt/tasks.py")
     try:
         tok = AutoTokenizer.from_pretrained(name)
-    except OSError as exc:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
         raise ConfigError(
             f"cannot load the tokenizer of '{name}' ({str(exc).splitlines()[0][:120]}): pass --model_name with a "
             f"local model directory, or --model_name tiny-random for an offline smoke run"
         ) from None
     words = task.causal.label_words if kind == "causal" else task.label_words
     label_token_ids(tok, words, scorer_options(cfg, kind)["label_encoding"])  # the clients would refuse the same
+    check_fitting(cfg, task, tok, config, kind, {"train": site1.train, "test": test})
 
 
-def collect_results(workspace: str) -> str | None:
-    """Copy the server's summary, prompts and checkpoint to the workspace root; return the summary path."""
-    from fedbpt.checkpoint import CHECKPOINT_FILE
-    from fedbpt.summary import SUMMARY_FILE
+def check_fitting(cfg: dict, task, tok, config, kind: str, sets: dict) -> None:
+    """Refuse a run whose every training or test example the scorer would drop as too long."""
+    from fedbpt import causal, scorer
+    from fedbpt.tasks import ConfigError
 
-    found = sorted(glob.glob(os.path.join(workspace, "server", "*", SUMMARY_FILE)), key=os.path.getmtime)
-    if not found:
-        return None
-    run_dir = os.path.dirname(found[-1])
-    for name in (SUMMARY_FILE, "prompt_best.npy", "prompt_final.npy", CHECKPOINT_FILE):
-        if os.path.isfile(os.path.join(run_dir, name)):
-            shutil.copy(os.path.join(run_dir, name), os.path.join(workspace, name))
-    return os.path.join(workspace, SUMMARY_FILE)
+    n = cfg["n_prompt_tokens"]
+    for split, examples in sets.items():
+        if kind == "causal":
+            kept = causal.count_fitting(tok, config, task, examples, n)
+            limit = causal.max_length(config)
+        else:
+            kept, limit = scorer.count_fitting(tok, task, examples, n), scorer.MAX_SEQ_LEN
+        if len(examples) and not kept:
+            raise ConfigError(
+                f"every {split} example of site-1 is longer than the model's {limit} positions with a {n}-token "
+                f"prompt: lower --n_prompt_tokens, or use shorter texts"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,38 +154,31 @@ def main(argv: list[str] | None = None) -> int:
             if not cfg["round_timeout"]:
                 print("note: --round_timeout 0: a site that hangs stalls its round; set it for deployments")
             return 0
-        cfg["workspace"] = os.path.abspath(cfg["workspace"])
+        from fedbpt import workspace
+
+        workspace.check(cfg["workspace"], protected_folders())
+        cfg["workspace"] = os.path.abspath(os.path.expanduser(cfg["workspace"]))
         if not cfg["torch_threads"]:
             cfg["torch_threads"] = max(1, (os.cpu_count() or 1) // cfg["threads"])
         preflight(cfg)
+        cfg["resume"], notes = workspace.prepare(cfg["workspace"], cfg["resume"])
         job = build_job(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from fedbpt.summary import SUMMARY_FILE
+    except KeyboardInterrupt:
+        print("error: interrupted before the run started; nothing was run", file=sys.stderr)
+        return 130
+    for note in notes:
+        print(note)
+    from fedbpt import simulate
 
-    stale = os.path.join(cfg["workspace"], SUMMARY_FILE)
-    if os.path.exists(stale):
-        os.remove(stale)  # never leave an old run's summary looking like this run's result
-    rc = job.simulator_run(
-        cfg["workspace"], n_clients=cfg["num_clients"], threads=cfg["threads"], gpu=cfg["gpu"], log_config="concise"
-    )
-    summary = collect_results(cfg["workspace"])
-    if summary is None:
-        print(f"error: the run wrote no summary; see the logs under {cfg['workspace']}", file=sys.stderr)
-        return rc or 1
-    import json
-
-    with open(summary) as f:
-        record = json.load(f)
-    status = record["status"]
-    print(f"summary: {summary} ({status})")
-    if status != "completed":
-        from fedbpt.checkpoint import resume_hint
-
-        reason = record.get("reason", "see the server log")
-        print(f"error: the run stopped: {reason}{resume_hint(cfg)}", file=sys.stderr)
-    return rc or (0 if status == "completed" else 1)
+    rc, record = simulate.run(job, cfg, sys.argv[1:] if argv is None else list(argv))
+    print(f"summary: {os.path.join(cfg['workspace'], 'fedbpt_summary.json')} ({record['status']})")
+    if record["status"] != "completed":
+        hint = f"; continue with: {record['resume']}" if record.get("resume") else " (no checkpoint to resume from)"
+        print(f"error: the run stopped: {record.get('reason', 'see the server log')}{hint}", file=sys.stderr)
+    return rc
 
 
 if __name__ == "__main__":

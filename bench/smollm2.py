@@ -255,21 +255,13 @@ def plot(data: dict, path: str) -> None:
             x = np.arange(acc.shape[1])
             (line,) = ax.plot(x, 100 * acc.mean(0), label=f"{m} (global dev)", lw=1.6)
             ax.fill_between(x, 100 * acc.min(0), 100 * acc.max(0), alpha=0.12, color=line.get_color())
-        if refs:
-            ax.axhline(
-                100 * np.mean([r["no_prompt"] for r in refs.values()]),
-                color="k",
-                ls="--",
-                lw=1,
-                label="no prompt (test)",
-            )
-            ax.axhline(
-                100 * np.mean([r["calibrated_no_prompt"] for r in refs.values()]),
-                color="grey",
-                ls=":",
-                lw=1,
-                label="calibrated no prompt (test)",
-            )
+        for key, style, name in (
+            ("no_prompt", "--", "no prompt"),
+            ("calibrated_no_prompt", ":", "calibrated no prompt"),
+        ):
+            if refs:
+                mean = 100 * np.mean([r[key] for r in refs.values()])
+                ax.axhline(mean, color="k" if key == "no_prompt" else "grey", ls=style, lw=1, label=f"{name} (test)")
         ax.set_title(f"SmolLM2-135M, SST-2, {split}")
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
@@ -295,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--clients", type=int, default=3)
-    p.add_argument("--k_shot", type=int, default=6, help="examples per class in train (and again in dev)")
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--k_shot", type=int, default=10, help="examples per class in train (and again in dev)")
     p.add_argument("--n_prompt_tokens", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="seed 1, IID, FedBPT and FedAvg-BBT")
     p.add_argument("--workers", type=int, default=2, help="processes, one torch thread each")

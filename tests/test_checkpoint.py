@@ -171,7 +171,7 @@ def test_checkpoint_with_non_finite_state_is_refused(tmp_path):
     fed = run_fake(cfg, range(2))
     fed.server.es.mean[0] = np.nan
     path = checkpoint.save(fed, 2, str(tmp_path))
-    with pytest.raises(CheckpointError, match=r"corrupted \(es\.mean has NaN or inf"):
+    with pytest.raises(CheckpointError, match=r"corrupted: es\.mean has NaN or inf; .* without --resume"):
         checkpoint.load(path)
 
 
@@ -179,8 +179,229 @@ def test_checkpoint_with_an_incomplete_header_is_refused(tmp_path):
     path = str(tmp_path / CHECKPOINT_FILE)
     header = json.dumps({"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "round": 2}).encode()
     np.savez(path, header=np.frombuffer(header, dtype=np.uint8), **{"es.mean": np.zeros(D)})
-    with pytest.raises(CheckpointError, match=r"corrupted \(header lacks config, clients_per_round"):
+    with pytest.raises(CheckpointError, match=r"lacks field config: it is damaged or not written by this tool"):
         checkpoint.load(path)
+
+
+def rewrite(path: str, change) -> None:
+    """Apply ``change(header, arrays)`` to a checkpoint and write it back as checkpoint.py writes one."""
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    header = json.loads(bytes(arrays.pop("header")).decode())
+    change(header, arrays)
+    arrays["header"] = np.frombuffer(json.dumps(header, allow_nan=True).encode(), dtype=np.uint8)
+    np.savez(path, **arrays)
+
+
+@pytest.fixture(scope="module")
+def genuine(tmp_path_factory) -> bytes:
+    """A checkpoint after 2 of 6 rounds (3 of 4 clients a round), made as the resume tests make theirs."""
+    cfg = make_cfg()
+    path = checkpoint.save(run_fake(cfg, range(2)), 2, str(tmp_path_factory.mktemp("genuine")))
+    return open(path, "rb").read()
+
+
+def _set(*keys_and_value):
+    """A change that sets header[k1][k2]... to a value."""
+    *keys, value = keys_and_value
+
+    def change(h, _a):
+        for k in keys[:-1]:
+            h = h[k]
+        h[keys[-1]] = value
+
+    return change
+
+
+def _scalar(name, value):
+    return _set("es", "scalars", name, value)
+
+
+def _array(name, fn):
+    def change(_h, a):
+        a[name] = fn(a[name].copy())
+
+    return change
+
+
+def _drop(*keys):
+    def change(h, a):
+        if keys[0] in a:
+            del a[keys[0]]
+            return
+        for k in keys[:-1]:
+            h = h[k]
+        del h[keys[-1]]
+
+    return change
+
+
+def _put(a, index, value):
+    a[index] = value
+    return a
+
+
+def _not_pd(c):
+    c[0, 1] = c[1, 0] = 10 * np.abs(c).max()
+    return c
+
+
+def _asymmetric(c):
+    c[0, 1] += 0.1
+    return c
+
+
+def _best_z_nan(_h, a):
+    a["best_z"][0] = np.nan
+
+
+def _es_none(name):
+    def change(h, _a):
+        h["es"]["none"].append(name)
+
+    return change
+
+
+CORRUPTIONS = [
+    # rounds done
+    ("round-not-integer", _set("round", 2.5), "corrupted: round is 2.5, not an integer"),
+    ("round-negative", _set("round", -1), "corrupted: round is -1, outside [0, inf]"),
+    ("round-bool", _set("round", True), "corrupted: round is True, not an integer"),
+    ("round-beyond-summary", _set("round", 5), "corrupted: round is 5, but summary.rounds records 2 rounds done"),
+    ("round-huge", _set("round", 10**30), "but summary.rounds records 2 rounds done"),
+    # run record
+    ("rounds-not-list", _set("summary", "rounds", {"0": {}}), "summary.rounds is a dict, not a list"),
+    ("row-not-dict", _set("summary", "rounds", 1, [1, 2]), "summary.rounds[1] is a list, not a JSON object"),
+    ("row-out-of-order", _set("summary", "rounds", 1, "round", 7), "summary.rounds[1].round is 7, not 1"),
+    ("summary-not-dict", _set("summary", []), "corrupted: summary is a list, not a JSON object"),
+    ("best-not-dict", _set("summary", "best", [0]), "summary.best is a list, not a JSON object"),
+    ("best-round-beyond", _set("summary", "best", "round", 9), "summary.best.round is 9, outside [0, 1]"),
+    ("best-metric-text", _set("summary", "best", "dev_acc", "high"), "summary.best.dev_acc is 'high', not a number"),
+    ("best-z-missing", _drop("best_z"), "lacks field best_z: it is damaged or not written by this tool"),
+    ("best-z-nan", _best_z_nan, "corrupted: best_z has NaN or inf"),
+    # step size
+    ("sigma-huge", _scalar("sigma", 1e300), "es.scalars.sigma is 1e+300, larger than 1e+30"),
+    ("sigma-inf", _scalar("sigma", float("inf")), "es.scalars.sigma is inf, not a finite number"),
+    ("sigma-nan", _scalar("sigma", float("nan")), "es.scalars.sigma is nan, not a finite number"),
+    ("sigma-zero", _scalar("sigma", 0.0), "es.scalars.sigma is 0.0, not a positive number"),
+    ("sigma-negative", _scalar("sigma", -0.5), "es.scalars.sigma is -0.5, not a positive number"),
+    ("sigma-text", _scalar("sigma", "0.9"), "es.scalars.sigma is '0.9', not a number"),
+    ("sent-sigma-huge", _set("sent_sigma", 1e40), "sent_sigma is 1e+40, larger than 1e+30"),
+    ("sent-sigma-negative", _set("sent_sigma", -1.0), "sent_sigma is -1.0, not a positive number"),
+    # covariance
+    ("cov-zero", _array("es.sm.C", np.zeros_like), "es.sm.C has a zero or negative diagonal entry"),
+    ("cov-negative-diagonal", _array("es.sm.C", lambda c: _put(c, (3, 3), -1.0)), "zero or negative diagonal"),
+    ("cov-nan", _array("es.sm.C", lambda c: _put(c, (0, 1), np.nan)), "corrupted: es.sm.C has NaN or inf"),
+    ("cov-not-pd", _array("es.sm.C", _not_pd), "es.sm.C is not positive definite"),
+    ("cov-asymmetric", _array("es.sm.C", _asymmetric), "es.sm.C is not symmetric"),
+    ("cov-shape", _array("es.sm.C", lambda c: c[:-1]), "es.sm.C has shape (11, 12), not (12, 12)"),
+    ("diag-cov-zero", _array("es.dC", lambda v: _put(v, 0, 0.0)), "es.dC has a zero or negative entry"),
+    ("eigenvalues-negative", _array("es.sm.D", lambda v: _put(v, 2, -1.0)), "es.sm.D has a zero or negative entry"),
+    ("eigenvectors-scaled", _array("es.sm.B", lambda b: 2 * b), "es.sm.B is not orthonormal"),
+    # mean
+    ("mean-inf", _array("es.mean", lambda v: _put(v, 3, np.inf)), "corrupted: es.mean has NaN or inf"),
+    ("mean-nan", _array("es.mean", lambda v: _put(v, 0, np.nan)), "corrupted: es.mean has NaN or inf"),
+    ("mean-too-long", _array("es.mean", lambda v: np.append(v, 0.0)), "es.mean has shape (13,), not (12,)"),
+    ("mean-matrix", _array("es.mean", lambda v: v.reshape(3, 4)), "es.mean has shape (3, 4), not (12,)"),
+    ("mean-float32", _array("es.mean", lambda v: v.astype(np.float32)), "es.mean has dtype float32, not float64"),
+    ("mean-none", _es_none("mean"), "es.mean is recorded as None"),
+    ("dimension-text", _set("config", "intrinsic_dim", "12"), "config.intrinsic_dim is '12', not an integer"),
+    # other CMA-ES state
+    ("count-negative", _scalar("countiter", -3), "es.scalars.countiter is -3, outside [0, inf]"),
+    ("count-float", _scalar("countevals", 6.5), "es.scalars.countevals is 6.5, not an integer"),
+    ("flag-not-bool", _scalar("_flgtelldone", 1), "es.scalars._flgtelldone is 1, not true or false"),
+    ("ranking-not-permutation", _array("es.fit.idx", lambda v: _put(v, 0, v[1])), "es.fit.idx is not a permutation"),
+    ("fitness-wrong-length", _array("es.fit.fit", lambda v: v[:2]), "es.fit.fit has shape (2,), not (3,)"),
+    ("history-text", _set("es", "lists", "fit.hist", [0.1, "x"]), "es.lists.fit.hist is 'x', not a number"),
+    ("none-unknown", _es_none("weights"), "es.none names 'weights', not a CMA-ES field this tool records"),
+    ("clients-zero", _set("clients_per_round", 0), "clients_per_round is 0, outside [1, inf]"),
+    ("sites-not-list", _set("sites", "site-1"), "sites is a str, not a list"),
+    ("cma-version-number", _set("cma_version", 4.5), "cma_version is 4.5, not a version string"),
+    # missing fields: reported as missing, not as a pycma mismatch
+    ("missing-header-field", _drop("sampler_rng"), "lacks field sampler_rng: it is damaged or not written by this"),
+    ("missing-es-scalar", _drop("es", "scalars", "countiter"), "lacks field es.scalars.countiter: it is damaged"),
+    ("missing-es-list", _drop("es", "lists", "fit.hist"), "lacks field es.lists.fit.hist: it is damaged"),
+    ("missing-es-array", _drop("es.pc"), "lacks field es.pc: it is damaged or not written by this tool"),
+    ("missing-best-round", _drop("summary", "best", "round"), "lacks field summary.best.round"),
+    # random generator states
+    ("rng-state-text", _set("sampler_rng", "state", "12x"), "sampler_rng.state is '12x', not a decimal 128-bit"),
+    ("rng-state-negative", _set("sampler_rng", "state", "-5"), "sampler_rng.state is '-5', not a decimal 128-bit"),
+    ("rng-state-number", _set("sampler_rng", "state", 7), "sampler_rng.state is 7, not a decimal 128-bit integer"),
+    ("rng-state-too-big", _set("sampler_rng", "state", str(2**128)), "sampler_rng.state does not fit in 128 bits"),
+    ("rng-inc-even", _set("sampler_rng", "inc", "4"), "sampler_rng.inc is even"),
+    ("rng-inc-missing", _drop("sampler_rng", "inc"), "lacks field sampler_rng.inc"),
+    ("rng-has-uint32", _set("sampler_rng", "has_uint32", 7), "sampler_rng.has_uint32 is 7, outside [0, 1]"),
+    ("rng-uinteger", _set("sampler_rng", "uinteger", 2**40), "sampler_rng.uinteger is 1099511627776, outside"),
+    ("rng-kind", _set("sampler_rng", "bit_generator", "MT19937"), "sampler_rng.bit_generator is 'MT19937', not"),
+    ("rng-not-dict", _set("sampler_rng", [1, 2]), "sampler_rng is a list, not a JSON object"),
+    ("global-rng-pos", _set("np_global", "pos", 700), "np_global.pos is 700, outside [0, 624]"),
+    ("global-rng-kind", _set("np_global", "kind", "PCG64"), "np_global.kind is 'PCG64', not 'MT19937'"),
+    ("global-rng-gauss", _set("np_global", "cached_gaussian", float("nan")), "np_global.cached_gaussian is nan"),
+    ("global-rng-keys-zero", _array("np_global_keys", np.zeros_like), "np_global_keys is all zeros"),
+    ("global-rng-keys-short", _array("np_global_keys", lambda k: k[:10]), "np_global_keys has shape (10,), not"),
+    ("global-rng-keys-dtype", _array("np_global_keys", lambda k: k.astype(np.int64)), "np_global_keys has dtype"),
+]
+
+
+@pytest.mark.parametrize("change, fragment", [c[1:] for c in CORRUPTIONS], ids=[c[0] for c in CORRUPTIONS])
+def test_crafted_checkpoint_is_refused_in_one_line(tmp_path, genuine, change, fragment):
+    path = str(tmp_path / CHECKPOINT_FILE)
+    open(path, "wb").write(genuine)
+    rewrite(path, change)
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.load(path)
+    msg = str(err.value)
+    assert fragment in msg and "\n" not in msg
+    assert msg.startswith(f"checkpoint {path} ") and msg.endswith("start a new run without --resume")
+    assert "cma" not in msg.replace("cma_version", "")  # a damaged field is never blamed on pycma
+
+
+def test_rewritten_genuine_checkpoint_still_resumes_bit_for_bit(tmp_path, genuine):
+    """The corruption tests' rewrite changes nothing by itself: what they refuse is the one field they change."""
+    path = str(tmp_path / CHECKPOINT_FILE)
+    open(path, "wb").write(genuine)
+    rewrite(path, lambda h, a: None)
+    cfg = make_cfg()
+    resumed = Federation(cfg, sites(cfg))
+    assert checkpoint.restore(resumed, checkpoint.load(path)) == 2
+    assert_states_equal(state_of(resumed), state_of(run_fake(cfg, range(2))))
+
+
+def test_unusual_but_genuine_states_are_accepted(tmp_path):
+    """The checks refuse damage, not states a run can reach."""
+    cfg = make_cfg(server_sigma="eq6_sent")
+    fresh = Federation(cfg, sites(cfg))  # before any round: pycma's None fields and infinite best fitness
+    assert checkpoint.load(checkpoint.save(fresh, 0, str(tmp_path / "fresh"))).round == 0
+    fed = run_fake(cfg, range(2))
+    fed.server.es.sigma = fed.server.sent_sigma = 1e23  # where the growing eq6_sent step is after 100 rounds
+    fed.summary.best["dev_acc"] = fed.summary.rounds[0]["dev_acc"] = float("nan")  # every dev example dropped
+    fed.sites = ["site-1", "site-2"]  # sites that failed setup left the rotation: fewer sites than clients a round
+    path = checkpoint.save(fed, 2, str(tmp_path / "grown"))
+    assert checkpoint.restore(Federation(cfg, sites(cfg)), checkpoint.load(path)) == 2
+
+
+@pytest.mark.parametrize("written_with, blamed", [("0.0.1", True), (None, False)])
+def test_pycma_is_blamed_only_when_the_versions_differ(tmp_path, monkeypatch, written_with, blamed):
+    import cma
+
+    cfg = make_cfg()
+    path = checkpoint.save(run_fake(cfg, range(2)), 2, str(tmp_path))
+    if written_with:
+        rewrite(path, _set("cma_version", written_with))
+    ckpt = checkpoint.load(path)
+
+    def incompatible(*_):
+        raise AttributeError("'CMAEvolutionStrategy' object has no attribute 'sm'")
+
+    monkeypatch.setattr(checkpoint, "_set_es_state", incompatible)
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.restore(Federation(cfg, sites(cfg)), ckpt)
+    msg = str(err.value)
+    assert "\n" not in msg and "has no attribute 'sm'" in msg
+    if blamed:
+        assert f"written with cma 0.0.1, running {cma.__version__}" in msg and "resume with the cma version" in msg
+    else:
+        assert "written with cma" not in msg and "it is damaged or not written by this tool" in msg
 
 
 def test_foreign_npz_is_refused(tmp_path):

@@ -207,3 +207,16 @@ def test_final_evaluation_drops_a_bad_report(caplog):
     assert row["train_acc"] == pytest.approx(0.75) and row["train_loss"] == pytest.approx(0.4)
     assert row["dev_acc"] == pytest.approx(0.75)  # site-3's valid dev part goes too: the whole report is dropped
     assert fed.summary.status == "completed" and fed.summary.final is row
+
+
+def test_best_prompt_is_the_highest_dev_accuracy_then_the_lowest_dev_loss():
+    """Small dev sets tie often: a tie goes to the lower dev loss, a full tie to the earlier round."""
+    from fedbpt.summary import RunSummary
+
+    s = RunSummary({}, "acc")
+    good, tie_worse, tie_better, worse = CONF1, CONF1, CONF1, CONF2  # dev acc 7/8, 7/8, 7/8, 5/8
+    for rnd, conf, loss in ((0, worse, 0.1), (1, good, 0.5), (2, tie_worse, 0.6), (3, tie_better, 0.3)):
+        s.add_round(rnd, np.full(D, float(rnd)), {"site-1": report(conf, loss, "dev")}, ["site-1"])
+    assert s.best["round"] == 3 and s.best["dev_acc"] == 0.875 and s.best["dev_loss"] == 0.3
+    s.add_round(4, np.full(D, 4.0), {"site-1": report(CONF1, 0.3, "dev")}, ["site-1"])  # full tie: keep round 3
+    assert s.best["round"] == 3 and np.array_equal(s.best_z, np.full(D, 3.0))

@@ -86,7 +86,7 @@ def test_export_with_resume_ships_the_checkpoint(tmp_path):
     cfg = validate(dict(DEFAULTS, model_name="tiny-random", num_clients=2, num_rounds=1, intrinsic_dim=8))
     fed = Federation(cfg, ["site-1", "site-2"])
     fed.start_round(0)
-    path = checkpoint.save(fed, 1, str(tmp_path / "run"))
+    path = checkpoint.save(fed, 0, str(tmp_path / "run"))
     job_dir = export(tmp_path, "--resume", path)
     _, server, _ = configs(job_dir)
     assert server["workflows"][0]["args"]["config"]["resume"] == checkpoint.CHECKPOINT_FILE  # relative
@@ -102,7 +102,7 @@ def test_export_with_resume_ships_the_checkpoint(tmp_path):
 
 def test_export_refuses_a_checkpoint_of_another_run(tmp_path, capsys):
     cfg = validate(dict(DEFAULTS, model_name="tiny-random", num_clients=2, num_rounds=1, intrinsic_dim=9))
-    path = checkpoint.save(Federation(cfg, ["site-1", "site-2"]), 1, str(tmp_path / "run"))
+    path = checkpoint.save(Federation(cfg, ["site-1", "site-2"]), 0, str(tmp_path / "run"))
     out = str(tmp_path / "jobs")
     assert job.main([*BASE, "--export", "--export-dir", out, "--resume", path]) == 2
     assert "--intrinsic_dim 9 there, 8 here" in capsys.readouterr().err

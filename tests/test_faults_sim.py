@@ -42,7 +42,8 @@ def base_args(data: str, workspace: str, clients: int, rounds: int) -> list[str]
 
 
 def site_log(workspace: str, site: str) -> str:
-    return "".join(open(p).read() for p in glob.glob(os.path.join(workspace, site, "**", "log.txt"), recursive=True))
+    logs = glob.glob(os.path.join(workspace, "nvflare", site, "**", "log.txt"), recursive=True)
+    return "".join(open(p).read() for p in logs)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_faulty_sites_are_left_out_and_the_run_completes(tolerated):
 def test_missing_sites_are_logged(tolerated):
     out, _, _ = tolerated
     log = out.stdout + out.stderr
-    assert "site-2 failed fedbpt_round: EXECUTION_EXCEPTION" in log
+    assert "site-2 failed fedbpt_round: InjectedFault: site-2: injected fault in round 0" in log
     assert "round 0: no usable update from site-2" in log
     assert "site-2 did not answer fedbpt_round in time: later rounds will not wait for it" in log
     assert "site-3 did not answer fedbpt_round in time: later rounds will not wait for it" in log
@@ -100,13 +101,14 @@ def test_too_few_clients_stop_the_run_with_a_clear_message(stopped):
     assert out.returncode != 0
     ckpt = os.path.join(ws, CHECKPOINT_FILE)
     last = out.stderr.strip().splitlines()[-1]
-    assert last == (
-        "error: the run stopped: round 1: 1 usable updates, fewer than --min_clients 2 (missing: site-2); "
-        f"continue from its checkpoint after 1 rounds with --resume {ckpt}"
-    )
     with open(os.path.join(ws, "fedbpt_summary.json")) as f:
         summary = json.load(f)
     assert summary["status"] == "failed" and [r["round"] for r in summary["rounds"]] == [0]
+    assert summary["rounds_done"] == 1 and summary["resume"].endswith(f"--resume {ckpt}")
+    assert last == (
+        "error: the run stopped: round 1: 1 usable updates, fewer than --min_clients 2 (missing: site-2); "
+        f"continue with: {summary['resume']}"
+    )
 
 
 def test_gpu_groups_reach_the_clients_as_cuda_visible_devices(stopped):

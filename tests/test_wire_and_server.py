@@ -92,7 +92,9 @@ def test_missing_keys_are_rejected():
 
 def _updates(k, rng, scale=0.3):
     return [
-        ClientUpdate(f"site-{i + 1}", rng.normal(size=D) * scale, float(rng.random()), rng.uniform(0.5, 1.0, 8), 5)
+        ClientUpdate(
+            f"site-{i + 1}", rng.normal(size=D) * scale, float(rng.random()), rng.uniform(0.5, 1.0, 8), 5, 10, 0.7
+        )
         for i in range(k)
     ]
 

@@ -34,8 +34,8 @@ class ClientUpdate:
     fitness: float
     sigmas: np.ndarray
     popsize: int
-    n_train: int = 1
-    sigma_final: float = 1.0  # the local step after the last tell
+    n_train: int
+    sigma_final: float  # the local step after the last tell (FedAvg-BBT and local-only continue from it)
 
 
 @dataclass
@@ -128,8 +128,14 @@ class ServerES:
         self.sent_sigma = float(sigma0)
 
     def _mean_in_bounds(self) -> np.ndarray:
+        """The mean as a point of the box. With --bound, pycma keeps its mean in genotype space, which its
+        boundary transform maps onto the box; near a small box's faces the genotype lies outside it, and a client
+        whose CMA-ES started from that point would refuse it. The phenotype is what clients search around."""
         mean = np.array(self.es.mean, dtype=np.float64)
-        return np.clip(mean, -self.bound, self.bound) if self.bound > 0 else mean
+        if self.bound <= 0:
+            return mean
+        inside = np.asarray(self.es.boundary_handler.transform(mean), dtype=np.float64)
+        return np.clip(inside, -self.bound, self.bound)
 
     @property
     def d(self) -> int:
@@ -138,7 +144,7 @@ class ServerES:
     def state(self, round_: int) -> GlobalState:
         return GlobalState(
             round_,
-            np.array(self.es.mean, dtype=np.float64),
+            self._mean_in_bounds(),
             self.sent_sigma,
             np.array(self.es.sm.C, dtype=np.float64),
         )

@@ -32,7 +32,7 @@ from fedbpt.scorer import (
     MAX_SEQ_LEN,
     Encoded,
     PromptScorer,
-    check_model_source,
+    load_model,
     plan_batches,
     render,
     text_token_mask,
@@ -47,31 +47,11 @@ log = logging.getLogger(__name__)
 # efficient; a client shard's generation (5 candidates x 10-40 sentences) fits in one or two passes.
 KV_BUDGET_BYTES = {"cpu": 256 << 20, "cuda": 8 << 30}
 ENDOFTEXT = "<|endoftext|>"
-_MODEL_CACHE: dict[tuple, tuple] = {}
 
 
 def load_causal_model(model_path: str, device: str, attn_implementation: str = "sdpa") -> tuple:
-    """Tokenizer and frozen causal LM, loaded once per process (shared by every scorer of the process)."""
-    key = (model_path, device, attn_implementation)
-    if key not in _MODEL_CACHE:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        check_model_source(model_path)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model_path)
-            model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation=attn_implementation)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(
-                f"cannot load causal LM '{model_path}': {str(exc).splitlines()[0][:160]}; pass --model_name with a "
-                f"local model directory, or smollm2-135m"
-            ) from None
-        if not getattr(tokenizer, "is_fast", False):
-            raise ConfigError(f"model '{model_path}' has no fast tokenizer: FedBPT needs offsets to find the text")
-        model.eval().requires_grad_(False).to(device)
-        _MODEL_CACHE[key] = (tokenizer, model)
-    return _MODEL_CACHE[key]
+    """scorer.load_model for a causal LM (the loader PromptScorer calls)."""
+    return load_model(model_path, device, attn_implementation, kind="causal")
 
 
 def start_token_id(tokenizer) -> int | None:
@@ -85,6 +65,23 @@ def start_token_id(tokenizer) -> int | None:
     if ENDOFTEXT in vocab:
         return int(vocab[ENDOFTEXT])
     return None if tokenizer.eos_token_id is None else int(tokenizer.eos_token_id)
+
+
+def max_length(config) -> int:
+    """Positions the model takes (at most MAX_SEQ_LEN, as the masked scorer)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return min(MAX_SEQ_LEN, int(limit)) if limit else MAX_SEQ_LEN
+
+
+def count_fitting(tokenizer, config, task: TaskSpec, examples: Examples, n_prompt_tokens: int) -> int:
+    """How many examples CausalScorer.encode keeps, from the tokenizer and model config alone (preflight)."""
+    limit = max_length(config) - (start_token_id(tokenizer) is not None) - n_prompt_tokens
+    kept = 0
+    for values in examples.texts:
+        text, _ = render(task.causal.template, task.text_columns, values)
+        kept += 0 < len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= limit
+    return kept
 
 
 class CausalScorer(PromptScorer):
@@ -138,9 +135,7 @@ class CausalScorer(PromptScorer):
         self.start_id = start_token_id(tok)
         self.prefix_len = (self.start_id is not None) + n_prompt_tokens
         self.pad_id = next(i for i in (tok.pad_token_id, self.start_id, 0) if i is not None)
-        config = self.model.config.get_text_config()
-        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        self.max_len = min(MAX_SEQ_LEN, int(limit)) if limit else MAX_SEQ_LEN
+        self.max_len = max_length(self.model.config)
 
         self.base = self.model.base_model
         params = inspect.signature(self.base.forward).parameters

@@ -269,57 +269,307 @@ class Checkpoint:
         return int(self.header["round"])
 
 
+_FIX = "resume from an intact checkpoint or start a new run without --resume"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0][:100] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"
+
+
 def load(path: str) -> Checkpoint:
-    """Read and sanity-check a checkpoint file; raise CheckpointError (one line) if it is not a usable one."""
+    """Read and check a checkpoint file; raise CheckpointError (one line) if it is not a usable one.
+
+    Every field that :func:`restore` puts into the run is checked for its type, shape, range and finiteness, so
+    a damaged or crafted file is refused here, naming the field, and never half-restored.
+    """
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} not found: pass --resume with the {CHECKPOINT_FILE} of a run")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         header = json.loads(bytes(arrays.pop("header")).decode())
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(
-            f"checkpoint {path} is corrupted or not a FedBPT checkpoint ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:100] if str(exc) else ''}): resume from an intact checkpoint or start afresh"
+            f"checkpoint {path} is corrupted or not a FedBPT checkpoint ({_one_line(exc)}): "
+            f"resume from an intact checkpoint or start afresh"
         ) from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a FedBPT checkpoint: pass --resume with a {CHECKPOINT_FILE}")
     if header.get("version") != VERSION:
         raise CheckpointError(
-            f"checkpoint {path} has format version {header.get('version')}, this code reads {VERSION}: "
+            f"checkpoint {path} has format version {header.get('version')!r}, this code reads {VERSION}: "
             f"resume with the code version that wrote it"
         )
     try:
-        problems = _problems(header, arrays)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        problems = [f"incomplete header ({type(exc).__name__}: {exc})"]
-    if problems:
-        raise CheckpointError(f"checkpoint {path} is corrupted ({'; '.join(problems[:3])}): resume from another one")
+        _validate(header, arrays)
+    except _Missing as exc:
+        raise CheckpointError(
+            f"checkpoint {path} lacks field {exc.field}: it is damaged or not written by this tool; {_FIX}"
+        ) from None
+    except _Invalid as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupted: {exc.field} {exc.problem}; {_FIX}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, np.linalg.LinAlgError) as exc:
+        # a shape of damage the checks above did not foresee: still one line, never a traceback
+        raise CheckpointError(f"checkpoint {path} is corrupted ({_one_line(exc)}); {_FIX}") from None
     return Checkpoint(path, header, arrays)
 
 
-_HEADER_KEYS = ("round", "config", "clients_per_round", "sites", "cma_version", "es", "sent_sigma", "sampler_rng")
+# The largest step size a checkpoint may carry. Far above any step a run reaches (the eq6_sent ablation, whose
+# step grows about 1.7x a round, is near 1e7 after 30 rounds and 1e23 after 100), far below where pycma's squared
+# steps overflow float64 (about 1e154).
+SIGMA_MAX = 1e30
+
+_HEADER_KEYS = (
+    "round",
+    "config",
+    "clients_per_round",
+    "sites",
+    "cma_version",
+    "es",
+    "sent_sigma",
+    "sampler_rng",
+    "np_global",
+    "summary",
+)
+# pycma state without which the strategy cannot continue: never recorded as None by a genuine checkpoint
+_ES_REQUIRED = ("mean", "pc", "adapt_sigma.ps", "sm.C", "sm.B", "sm.D", "sigma", "countiter")
+_ES_BOOLS = ("_flgtelldone", "adapt_sigma.is_initialized")
+_ES_MARKS = ("_isotropic_mean_shift_iteration", "adapt_sigma._ps_updated_iteration")  # iteration numbers, -1: never
+_ES_STEPS = ("sigma", "_sigma_old")
+_ES_POSITIVE = ("adapt_sigma.delta", "adapt_sigma._last_multiplier")
+_ES_FITNESS = ("fit.median", "fit.median0", "fit.median_min", "fit.median_previous", "best.f")  # inf before any tell
+_ES_COUNTS = tuple(
+    p for p in _ES_SCALARS if p not in _ES_BOOLS + _ES_MARKS + _ES_STEPS + _ES_POSITIVE + _ES_FITNESS
+)  # counters, >= 0
+_ES_PER_CLIENT = ("fit.fit", "fit.idx")  # one entry per told point: clients_per_round
+_ES_MATRICES = ("sm.C", "sm.B")
+_MT_KEYS = 624  # MT19937's state words
+_PCG_DIGITS = 39  # 2**128 - 1 in decimal
 
 
-def _problems(header: dict, arrays: dict) -> list[str]:
-    missing = [k for k in _HEADER_KEYS + ("np_global", "summary") if k not in header]
-    if missing:
-        return [f"header lacks {', '.join(missing)}"]
-    d = int(header["config"]["intrinsic_dim"])
-    problems = []
-    for key in ("es.mean", "es.pc", "es.adapt_sigma.ps", "es.sm.D"):
-        if key not in arrays or arrays[key].shape != (d,):
-            problems.append(f"{key} is not a vector of length {d}")
-    for key in ("es.sm.C", "es.sm.B"):
-        if key not in arrays or arrays[key].shape != (d, d):
-            problems.append(f"{key} is not a {d}x{d} matrix")
-    for key, a in arrays.items():
+class _Missing(Exception):
+    def __init__(self, field: str) -> None:
+        super().__init__(field)
+        self.field = field
+
+
+class _Invalid(Exception):
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
+def _member(obj: dict, key: str, field: str):
+    if key not in obj:
+        raise _Missing(field)
+    return obj[key]
+
+
+def _dict(v, field: str) -> dict:
+    if not isinstance(v, dict):
+        raise _Invalid(field, f"is a {type(v).__name__}, not a JSON object")
+    return v
+
+
+def _list(v, field: str) -> list:
+    if not isinstance(v, list):
+        raise _Invalid(field, f"is a {type(v).__name__}, not a list")
+    return v
+
+
+def _int(v, field: str, lo: int, hi: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _Invalid(field, f"is {v!r}, not an integer")
+    if v < lo or (hi is not None and v > hi):
+        raise _Invalid(field, f"is {v}, outside [{lo}, {'inf' if hi is None else hi}]")
+    return v
+
+
+def _number(
+    v, field: str, finite: bool = True, positive: bool = False, hi: float | None = None, nan: bool = False
+) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _Invalid(field, f"is {v!r}, not a number")
+    try:
+        v = float(v)
+    except OverflowError:
+        raise _Invalid(field, "is an integer too large for a float") from None
+    if (np.isnan(v) and not nan) or (finite and not np.isfinite(v)):
+        raise _Invalid(field, f"is {v!r}, not a finite number")
+    if positive and v <= 0:
+        raise _Invalid(field, f"is {v!r}, not a positive number")
+    if hi is not None and v > hi:
+        raise _Invalid(field, f"is {v!r}, larger than {hi:g}")
+    return v
+
+
+def _optional_metric(v, field: str):
+    """A recorded metric: null, or a number, NaN included (a split whose every example was dropped scores NaN)."""
+    return None if v is None else _number(v, field, finite=False, nan=True)
+
+
+def _array(arrays: dict, name: str, shape: tuple, dtype=np.float64) -> np.ndarray:
+    if name not in arrays:
+        raise _Missing(name)
+    a = arrays[name]
+    if dtype is int:
+        if a.dtype.kind not in "iu":
+            raise _Invalid(name, f"has dtype {a.dtype}, not an integer type")
+    elif a.dtype != dtype:
+        raise _Invalid(name, f"has dtype {a.dtype}, not {np.dtype(dtype)}")
+    if a.shape != shape:
+        raise _Invalid(name, f"has shape {a.shape}, not {shape}")
+    if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+        raise _Invalid(name, "has NaN or inf")
+    return a
+
+
+def _validate(header: dict, arrays: dict) -> None:
+    """Raise _Missing or _Invalid for the first field :func:`restore` could not use as it stands."""
+    for key in _HEADER_KEYS:
+        _member(header, key, key)
+    config = _dict(header["config"], "config")
+    d = _int(_member(config, "intrinsic_dim", "config.intrinsic_dim"), "config.intrinsic_dim", 1)
+    rounds_done = _int(header["round"], "round", 0)
+    sites = _list(header["sites"], "sites")
+    if not sites or not all(isinstance(s, str) and s for s in sites) or len(set(sites)) != len(sites):
+        raise _Invalid("sites", "is not a non-empty list of distinct site names")
+    # not bounded by the sites: sites that fail setup leave the rotation and the server tells their points as absent
+    k = _int(header["clients_per_round"], "clients_per_round", 1)
+    if not isinstance(header["cma_version"], str) or not header["cma_version"]:
+        raise _Invalid("cma_version", f"is {header['cma_version']!r}, not a version string")
+    _validate_es(header["es"], arrays, d, k)
+    _number(header["sent_sigma"], "sent_sigma", positive=True, hi=SIGMA_MAX)
+    _validate_pcg64(header["sampler_rng"], "sampler_rng")
+    _validate_mt19937(header["np_global"], arrays)
+    _validate_summary(header["summary"], arrays, rounds_done, d)
+    for name, a in arrays.items():  # any other float array the file carries
         if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
-            problems.append(f"{key} has NaN or inf")
-    sigma = header["es"]["scalars"].get("sigma")
-    if not isinstance(sigma, float) or not np.isfinite(sigma) or sigma <= 0:
-        problems.append(f"sigma {sigma!r} is not a positive number")
-    return problems
+            raise _Invalid(name, "has NaN or inf")
+
+
+def _validate_es(es, arrays: dict, d: int, k: int) -> None:
+    es = _dict(es, "es")
+    scalars = _dict(_member(es, "scalars", "es.scalars"), "es.scalars")
+    lists = _dict(_member(es, "lists", "es.lists"), "es.lists")
+    none = _list(_member(es, "none", "es.none"), "es.none")
+    for path in none:
+        if path not in _ES_ARRAYS + _ES_SCALARS:
+            raise _Invalid("es.none", f"names {path!r}, not a CMA-ES field this tool records")
+        if path in _ES_REQUIRED:
+            raise _Invalid(f"es.{path}", "is recorded as None, which no running CMA-ES has")
+    for path in _ES_ARRAYS:
+        if path in none:
+            continue
+        name = f"es.{path}"
+        if path in _ES_MATRICES:
+            _array(arrays, name, (d, d))
+        elif path == "fit.idx":
+            idx = _array(arrays, name, (k,), int)
+            if sorted(idx.tolist()) != list(range(k)):
+                raise _Invalid(name, f"is not a permutation of 0..{k - 1}")
+        elif path in _ES_PER_CLIENT:
+            _array(arrays, name, (k,))
+        else:
+            _array(arrays, name, (d,))
+    _validate_covariance(arrays, none, d)
+    for path in _ES_SCALARS:
+        if path in none:
+            continue
+        field = f"es.scalars.{path}"
+        v = _member(scalars, path, field)
+        if path in _ES_BOOLS:
+            if not isinstance(v, bool):
+                raise _Invalid(field, f"is {v!r}, not true or false")
+        elif path in _ES_MARKS:
+            _int(v, field, -1)
+        elif path in _ES_COUNTS:
+            _int(v, field, 0)
+        elif path in _ES_STEPS:
+            _number(v, field, positive=True, hi=SIGMA_MAX)
+        elif path in _ES_POSITIVE:
+            _number(v, field, positive=True)
+        else:  # _ES_FITNESS
+            _number(v, field, finite=False)
+    for path in _ES_LISTS:
+        field = f"es.lists.{path}"
+        for v in _list(_member(lists, path, field), field):
+            _number(v, field, finite=False)
+
+
+def _validate_covariance(arrays: dict, none: list, d: int) -> None:
+    """C symmetric positive definite with a positive diagonal, D positive, B orthonormal: what sampling needs."""
+    c = arrays["es.sm.C"]
+    scale = float(np.max(np.abs(c)))
+    if not np.all(np.diag(c) > 0):
+        raise _Invalid("es.sm.C", "has a zero or negative diagonal entry: not a covariance matrix")
+    if np.max(np.abs(c - c.T)) > 1e-10 * scale:
+        raise _Invalid("es.sm.C", "is not symmetric: not a covariance matrix")
+    if np.linalg.eigvalsh(c).min() <= 0:  # pycma's own test when it eigen-decomposes C
+        raise _Invalid("es.sm.C", "is not positive definite: not a covariance matrix")
+    if not np.all(arrays["es.sm.D"] > 0):
+        raise _Invalid("es.sm.D", "has a zero or negative entry: not the square roots of C's eigenvalues")
+    if "dC" not in none and not np.all(arrays["es.dC"] > 0):
+        raise _Invalid("es.dC", "has a zero or negative entry: not the diagonal of a covariance matrix")
+    b = arrays["es.sm.B"]
+    if np.max(np.abs(b.T @ b - np.eye(d))) > 1e-6:
+        raise _Invalid("es.sm.B", "is not orthonormal: not the eigenvectors of C")
+
+
+def _validate_pcg64(s, field: str) -> None:
+    s = _dict(s, field)
+    if _member(s, "bit_generator", f"{field}.bit_generator") != "PCG64":
+        raise _Invalid(f"{field}.bit_generator", f"is {s['bit_generator']!r}, not 'PCG64'")
+    for key in ("state", "inc"):
+        v = _member(s, key, f"{field}.{key}")
+        if not isinstance(v, str) or not (0 < len(v) <= _PCG_DIGITS) or not all("0" <= c <= "9" for c in v):
+            raise _Invalid(f"{field}.{key}", f"is {v!r}, not a decimal 128-bit integer")
+        if int(v) >= 2**128:
+            raise _Invalid(f"{field}.{key}", "does not fit in 128 bits")
+    if int(s["inc"]) % 2 == 0:
+        raise _Invalid(f"{field}.inc", "is even: a PCG64 increment is always odd")
+    _int(_member(s, "has_uint32", f"{field}.has_uint32"), f"{field}.has_uint32", 0, 1)
+    _int(_member(s, "uinteger", f"{field}.uinteger"), f"{field}.uinteger", 0, 2**32 - 1)
+
+
+def _validate_mt19937(g, arrays: dict) -> None:
+    g = _dict(g, "np_global")
+    if _member(g, "kind", "np_global.kind") != "MT19937":
+        raise _Invalid("np_global.kind", f"is {g['kind']!r}, not 'MT19937'")
+    _int(_member(g, "pos", "np_global.pos"), "np_global.pos", 0, _MT_KEYS)
+    _int(_member(g, "has_gauss", "np_global.has_gauss"), "np_global.has_gauss", 0, 1)
+    _number(_member(g, "cached_gaussian", "np_global.cached_gaussian"), "np_global.cached_gaussian")
+    keys = _array(arrays, "np_global_keys", (_MT_KEYS,), np.uint32)
+    if not keys.any():
+        raise _Invalid("np_global_keys", "is all zeros: not a Mersenne Twister state")
+
+
+def _validate_summary(summary, arrays: dict, rounds_done: int, d: int) -> None:
+    summary = _dict(summary, "summary")
+    rows = _list(_member(summary, "rounds", "summary.rounds"), "summary.rounds")
+    for i, row in enumerate(rows):
+        field = f"summary.rounds[{i}]"
+        v = _member(_dict(row, field), "round", f"{field}.round")
+        if isinstance(v, bool) or not isinstance(v, int) or v != i:
+            raise _Invalid(f"{field}.round", f"is {v!r}, not {i}: the rows are rounds 0, 1, ... in order")
+    if rounds_done != len(rows):
+        raise _Invalid("round", f"is {rounds_done}, but summary.rounds records {len(rows)} rounds done")
+    best = _dict(_member(summary, "best", "summary.best"), "summary.best")
+    best_round = _member(best, "round", "summary.best.round")
+    dev = _optional_metric(_member(best, "dev_acc", "summary.best.dev_acc"), "summary.best.dev_acc")
+    for key in ("dev_loss", "test_acc"):  # dev_loss: absent in checkpoints written before it was recorded
+        _optional_metric(best.get(key), f"summary.best.{key}")
+    if best_round is None:
+        if dev is not None:
+            raise _Invalid("summary.best.round", "is null, yet summary.best.dev_acc is set")
+        if "best_z" in arrays:
+            raise _Invalid("best_z", "is present, yet summary.best.round is null")
+    else:
+        if rounds_done == 0:
+            raise _Invalid("summary.best.round", f"is {best_round!r}, but no round is done")
+        _int(best_round, "summary.best.round", 0, rounds_done - 1)
+        _array(arrays, "best_z", (d,))
 
 
 def check_compatible(ckpt: Checkpoint, cfg: dict, clients_per_round: int | None = None) -> None:
@@ -354,16 +604,23 @@ def restore(fed, ckpt: Checkpoint) -> int:
     h, a = ckpt.header, ckpt.arrays
     if sorted(h["sites"]) != list(fed.sites):
         log.warning("resuming with sites %s; the checkpoint had %s", fed.sites, h["sites"])
-    if h["cma_version"] != cma.__version__:
+    other_cma = h["cma_version"] != cma.__version__
+    if other_cma:
         log.warning(
             "checkpoint written with cma %s, running cma %s: continuation may differ", h["cma_version"], cma.__version__
         )
     try:
         _set_es_state(fed.server.es, a, h["es"])
-    except (AttributeError, KeyError, TypeError) as exc:
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        # load() checked every field, so only another pycma's layout can get here, or a bug
+        if other_cma:
+            raise CheckpointError(
+                f"checkpoint {ckpt.path} does not fit this pycma (written with cma {h['cma_version']}, running "
+                f"{cma.__version__}: {_one_line(exc)}): resume with the cma version that wrote it"
+            ) from None
         raise CheckpointError(
-            f"checkpoint {ckpt.path} does not fit this pycma (written with cma {h['cma_version']}, running "
-            f"{cma.__version__}: {exc}): resume with the cma version that wrote it"
+            f"checkpoint {ckpt.path} does not fit this pycma {cma.__version__}, the version that wrote it "
+            f"({_one_line(exc)}): it is damaged or not written by this tool; {_FIX}"
         ) from None
     fed.server.sent_sigma = float(h["sent_sigma"])
     _set_generator_state(fed._rng, h["sampler_rng"])

@@ -135,9 +135,14 @@ class SiteRuntime:
 
     def final_evaluate(self, msg: dict) -> dict:
         """The final prompt on train, dev and test; with --test_eval end also the best-dev prompt on test."""
-        out = self.evaluate(msg["state"]["mean"], with_dev=True)
+        final = np.asarray(msg["state"]["mean"], dtype=np.float64)
+        out = self.evaluate(final, with_dev=True)
         if "best_mean" in msg and self.test is not None:
-            self._eval(np.asarray(msg["best_mean"], dtype=np.float64), "best_test", self.test, out)
+            best = np.asarray(msg["best_mean"], dtype=np.float64)
+            if np.array_equal(best, final):  # the last round's prompt is the best: its test scores are already here
+                out.update({f"best_{k}": v for k, v in out.items() if k.startswith("test_")})
+            else:
+                self._eval(best, "best_test", self.test, out)
         return out
 
     def run_round(self, state_msg: dict, with_eval: bool, should_stop=None) -> dict:

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import numbers
 import os
+import re
+from collections.abc import Hashable
 
 from fedbpt.tasks import TASKS, ConfigError
 
@@ -175,22 +179,143 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+NULLABLE = ("min_clients", "threads", "gpu", "data_dir", "device", "model_cache_dir", "resume")
+BOOL_KEYS = ("iid", "perturb", "export")
+INT_KEYS = tuple(k for k, v in DEFAULTS.items() if type(v) is int) + ("min_clients", "threads")
+FLOAT_KEYS = tuple(k for k, v in DEFAULTS.items() if type(v) is float)
+MAX_SEED = 2**63 - 1  # torch.Generator().manual_seed takes 64 bits; seed + 2 must still fit
+MAX_SIGMA = 1e3
+JOB_NAME = re.compile(r"[A-Za-z0-9._-]+")
+GPU_LIST = re.compile(r"\d+(,\d+)*")
+
+
+def _show(value) -> str:
+    """A value as the user wrote it, on one line and short."""
+    text = "null" if value is None else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def coerce(key: str, value, where: str = ""):
+    """``value`` of option ``key`` checked against the type of its default, or a ConfigError naming the flag.
+
+    Integers accept an integral float (3.0 -> 3, never 2.7 -> 2), not a boolean; floats accept integers; booleans
+    (--iid, --perturb, --export) accept true/false and 0/1 only; everything else is a string. Only the NULLABLE
+    options may be null. ``where`` says where the value came from (e.g. the config file).
+    """
+    suffix = f" ({where})" if where else ""
+    flag = _flag(key)
+    if value is None:
+        if key in NULLABLE:
+            return None
+        raise ConfigError(
+            f"{flag} cannot be null{suffix}: give a value, or leave it out for the default {DEFAULTS[key]}"
+        )
+    if key in BOOL_KEYS:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, numbers.Integral) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{flag} must be true/false or 0/1, got {_show(value)}{suffix}")
+    if key in INT_KEYS:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{flag} must be an integer, got {_show(value)}{suffix}")
+    if key in FLOAT_KEYS:
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return float(value)  # finiteness and range: validate, with each option's own range
+        raise ConfigError(f"{flag} must be a number, got {_show(value)}{suffix}")
+    if key in CHOICES:
+        if not isinstance(value, str) or value not in CHOICES[key]:
+            raise ConfigError(f"{flag} {_show(value)} is not one of {', '.join(CHOICES[key])}{suffix}")
+        return value
+    if key == "gpu" and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = str(value)  # gpu: 0 in a preset means the GPU list "0"
+    if not isinstance(value, str):
+        raise ConfigError(f"{flag} must be a string, got {_show(value)}{suffix}: quote it in the config file")
+    if not value.strip():
+        hint = "leave it out" if DEFAULTS[key] is None else f"leave it out for the default {DEFAULTS[key]}"
+        raise ConfigError(f"{flag} is empty{suffix}: give a value, or {hint}")
+    return value
+
+
+def _unique_keys(pairs: list) -> dict:
+    seen: dict = {}
+    for k, v in pairs:
+        if not isinstance(k, Hashable):
+            raise ConfigError(f"key {_show(k)} is not an option name: see python job.py --help for names")
+        if k in seen:
+            raise ConfigError(f"key {k!r} is given twice: give each option once")
+        seen[k] = v
+    return seen
+
+
+def _yaml_loader():
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """safe_load that refuses a key given twice (plain PyYAML keeps the last one silently)."""
+
+    def mapping(loader, node, deep=False):
+        loader.flatten_mapping(node)
+        return _unique_keys(
+            [(loader.construct_object(k, deep=True), loader.construct_object(v, deep=deep)) for k, v in node.value]
+        )
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return UniqueKeyLoader
+
+
+def _parse_preset(path: str, text: str):
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        try:
+            return yaml.load(text, Loader=_yaml_loader()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"config file {path} is not valid YAML{at} ({problem}): fix the syntax") from None
+        except ConfigError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not valid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg}): fix the "
+            f"syntax, or name the file .yaml for YAML"
+        ) from None
+    except ConfigError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+
+
 def load_preset(path: str) -> dict:
+    """The options of a YAML (.yaml/.yml) or JSON preset, each checked against its type (see ``coerce``)."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path} not found: pass --config with an existing file, e.g. configs/tiny.yaml")
-    with open(path) as f:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-
-            data = yaml.safe_load(f) or {}
-        else:
-            data = json.load(f)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path} ({exc.strerror or exc}): fix its permissions") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}): save it as UTF-8"
+        ) from None
+    data = _parse_preset(path, text)
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of option names to values")
-    unknown = sorted(set(data) - set(DEFAULTS))
+        raise ConfigError(
+            f"config file {path} holds a {type(data).__name__}, not a mapping: write one 'option: value' per line"
+        )
+    unknown = sorted(str(k) for k in data if k not in DEFAULTS)
     if unknown:
         raise ConfigError(f"config file {path} has unknown keys {unknown}: see python job.py --help for names")
-    return data
+    return {k: coerce(k, v, f"config file {path}") for k, v in data.items()}
 
 
 def resolve(argv: list[str] | None = None) -> dict:
@@ -203,50 +328,76 @@ def resolve(argv: list[str] | None = None) -> dict:
     return validate(cfg)
 
 
+def _check_number(cfg: dict, key: str, ok, rule: str) -> None:
+    value = cfg[key]
+    if not (math.isfinite(value) and ok(value)):
+        raise ConfigError(f"{_flag(key)} must be a finite number{' ' + rule if rule else ''}, got {value}")
+
+
 def validate(cfg: dict) -> dict:
+    """Every option checked (type, then range) and normalised; idempotent, so a validated config passes again."""
     cfg = dict(cfg)
-    for key in BOOL_01:
-        cfg[key] = bool(cfg[key])
+    for key in DEFAULTS:
+        if key in cfg:
+            cfg[key] = coerce(key, cfg[key])
     if cfg["task_name"] not in TASKS:
         raise ConfigError(f"unknown task '{cfg['task_name']}': use --task_name with one of {', '.join(sorted(TASKS))}")
-    for key, allowed in CHOICES.items():
-        if cfg[key] not in allowed:
-            raise ConfigError(f"--{key} {cfg[key]} is not one of {', '.join(allowed)}")
     positive = (
         "num_clients",
         "num_rounds",
         "intrinsic_dim",
         "n_prompt_tokens",
         "k_shot",
+        "batch_size",
         "local_iter",
         "eval_every",
         "max_batch_tokens",
     )
     for key in positive:
-        if int(cfg[key]) < 1:
+        if cfg[key] < 1:
             raise ConfigError(f"--{key} must be at least 1, got {cfg[key]}")
+    if not 0 <= cfg["seed"] <= MAX_SEED:
+        raise ConfigError(f"--seed must be an integer in [0, 2**63 - 1] (numpy and torch seeds), got {cfg['seed']}")
+    for key, what in (("torch_threads", "0 (automatic)"), ("round_timeout", "0 (no limit)")):
+        if cfg[key] < 0:
+            raise ConfigError(f"--{key} must be {what} or more, got {cfg[key]}")
     least = 3 if cfg["local_adaptation"] == "tpa" else 2  # TPA needs a mirrored pair plus one sample
-    if int(cfg["local_popsize"]) < least:
+    if cfg["local_popsize"] < least:
         raise ConfigError(
             f"--local_popsize must be at least {least} with --local_adaptation {cfg['local_adaptation']}, "
             f"got {cfg['local_popsize']}"
         )
-    n = int(cfg["num_clients"])
-    cfg["min_clients"] = n if cfg["min_clients"] is None else int(cfg["min_clients"])
+    n = cfg["num_clients"]
+    cfg["min_clients"] = n if cfg["min_clients"] is None else cfg["min_clients"]
     if not 1 <= cfg["min_clients"] <= n:
         raise ConfigError(f"--min_clients must be between 1 and --num_clients ({n}), got {cfg['min_clients']}")
-    cfg["threads"] = n if cfg["threads"] is None else int(cfg["threads"])
+    cfg["threads"] = n if cfg["threads"] is None else cfg["threads"]
     if not 1 <= cfg["threads"] <= n:
         raise ConfigError(f"--threads must be between 1 and --num_clients ({n}), got {cfg['threads']}")
-    if not 0 < float(cfg["frac"]) <= 1:
-        raise ConfigError(f"--frac must be in (0, 1], got {cfg['frac']}")
-    if not 0 <= float(cfg["perturb_rate"]) <= 1:
-        raise ConfigError(f"--perturb_rate must be in [0, 1], got {cfg['perturb_rate']}")
-    if float(cfg["sigma"]) <= 0 or float(cfg["alpha_dir"]) <= 0 or float(cfg["bound"]) < 0:
-        raise ConfigError("--sigma and --alpha_dir must be positive and --bound non-negative")
+    _check_number(cfg, "frac", lambda v: 0 < v <= 1, "in (0, 1]")
+    _check_number(cfg, "perturb_rate", lambda v: 0 <= v <= 1, "in [0, 1]")
+    _check_number(cfg, "sigma", lambda v: 0 < v <= MAX_SIGMA, f"in (0, {MAX_SIGMA:g}]")
+    _check_number(cfg, "alpha_dir", lambda v: v > 0, "> 0")
+    _check_number(cfg, "bound", lambda v: v >= 0, ">= 0 (0: unbounded)")
+    for key in FLOAT_KEYS:  # any float option without its own rule above
+        _check_number(cfg, key, lambda v: True, "")
     if cfg["perturb"] and cfg["loss_type"] == "perf":
         raise ConfigError("--loss_type perf cannot be divided as Eq. 7 needs (it is <= 0): use --perturb 0 or ce/hinge")
-    sites = [s.strip() for s in str(cfg["eval_clients"]).split(",") if s.strip()]
+    if not JOB_NAME.fullmatch(cfg["job_name"]) or cfg["job_name"] in (".", ".."):
+        raise ConfigError(
+            f"--job_name {_show(cfg['job_name'])} is not a folder name: use letters, digits, '-', '_' and '.' only"
+        )
+    if cfg["gpu"] is not None:
+        gpu = cfg["gpu"].replace(" ", "")
+        if not GPU_LIST.fullmatch(gpu):
+            raise ConfigError(
+                f"--gpu {_show(cfg['gpu'])} is not a list of GPU ids: give non-negative integers separated by "
+                f"commas, e.g. --gpu 0,1, or leave it out"
+            )
+        cfg["gpu"] = gpu
+    sites = list(dict.fromkeys(s.strip() for s in cfg["eval_clients"].split(",") if s.strip()))
+    if not sites:
+        raise ConfigError(f"--eval_clients {_show(cfg['eval_clients'])} names no site: give at least one, e.g. site-1")
     valid = {f"site-{i}" for i in range(1, n + 1)}
     bad = [s for s in sites if s not in valid]
     if bad and not cfg["export"]:  # a deployment's sites may have any names
@@ -256,7 +407,7 @@ def validate(cfg: dict) -> dict:
         cfg["data_dir"] = os.path.abspath(os.path.expanduser(cfg["data_dir"]))
         if not os.path.isdir(cfg["data_dir"]):
             raise ConfigError(f"--data_dir {cfg['data_dir']} is not a directory")
-    if int(cfg["checkpoint_every"]) < 0:
+    if cfg["checkpoint_every"] < 0:
         raise ConfigError(f"--checkpoint_every must be 0 (never) or more, got {cfg['checkpoint_every']}")
     if cfg["resume"] and cfg["aggregation"] != "fedbpt":
         raise ConfigError("--resume works with --aggregation fedbpt only (the baselines keep no checkpoint)")
@@ -264,26 +415,57 @@ def validate(cfg: dict) -> dict:
         cfg["resume"] = os.path.abspath(os.path.expanduser(cfg["resume"]))
         if not os.path.isfile(cfg["resume"]):
             raise ConfigError(f"--resume {cfg['resume']} is not a file: pass the fedbpt_checkpoint.npz of a run")
-    for key in (
-        "num_clients",
-        "num_rounds",
-        "seed",
-        "intrinsic_dim",
-        "n_prompt_tokens",
-        "k_shot",
-        "batch_size",
-        "local_iter",
-        "local_popsize",
-        "eval_every",
-        "max_batch_tokens",
-        "round_timeout",
-        "torch_threads",
-        "checkpoint_every",
-    ):
-        cfg[key] = int(cfg[key])
-    for key in ("sigma", "bound", "alpha_dir", "perturb_rate", "frac"):
-        cfg[key] = float(cfg[key])
     return cfg
+
+
+def check_machine(cfg: dict) -> None:
+    """Refuse, with one line, what this machine cannot run: an unknown --device, CUDA (a cuda device, --gpu,
+    --precision bf16/fp16) where there is none, GPU ids it does not have. For the simulator, before any process
+    starts (an exported job runs elsewhere: not checked there). Imports torch."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    count = torch.cuda.device_count() if cuda else 0
+    physical = "CUDA_VISIBLE_DEVICES" not in os.environ  # else --gpu ids need not match what this process sees
+    device = cfg.get("device")
+    kind = "cuda" if cuda else "cpu"
+    if device:
+        try:
+            parsed = torch.device(device)
+        except (RuntimeError, ValueError, TypeError):
+            raise ConfigError(
+                f"--device {_show(device)} is not a torch device: use cpu, cuda or cuda:<i>, or leave it out"
+            ) from None
+        kind = parsed.type
+        if kind == "cuda":
+            if not cuda:
+                raise ConfigError(
+                    f"--device {device}: this machine has no CUDA GPU (torch {torch.__version__}): use --device cpu, "
+                    f"or leave --device out"
+                )
+            if parsed.index is not None and cfg.get("gpu") is None and physical and parsed.index >= count:
+                raise ConfigError(
+                    f"--device {device}: this machine has {count} GPU(s), cuda:0..cuda:{count - 1}: use one of "
+                    f"those, or --device cuda"
+                )
+        elif kind != "cpu":
+            backend = torch.backends.mps if kind == "mps" else getattr(torch, kind, None)
+            available = getattr(backend, "is_available", None)
+            if not (callable(available) and available()):
+                raise ConfigError(f"--device {device}: no {kind} device on this machine: use --device cpu or cuda")
+    precision = cfg.get("precision", "fp32")
+    if precision != "fp32":
+        if kind != "cuda":
+            where = f"--device {device}" if device else "this machine, which has no CUDA GPU"
+            raise ConfigError(f"--precision {precision} needs a CUDA device, not {where}: use --precision fp32")
+        if precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("--precision bf16: this GPU has no bfloat16 support: use --precision fp16 or fp32")
+    gpu = cfg.get("gpu")
+    if gpu is not None:
+        ids = [int(i) for i in str(gpu).split(",")]
+        # without CUDA the groups still reach the clients as CUDA_VISIBLE_DEVICES, and they run on the CPU
+        if cuda and physical and max(ids) >= count:
+            raise ConfigError(f"--gpu {gpu}: this machine has {count} GPU(s), ids 0..{count - 1}: use those ids")
 
 
 # What "auto" means for each kind of model: the reference's choices for masked LMs; for causal LMs the prompt goes in

@@ -13,7 +13,7 @@ from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic
 from nvflare.fuel.utils import fobs
 
 from fedbpt.checkpoint import CheckpointError, after_round, open_run
-from fedbpt.executor import TASK_EVAL, TASK_ROUND, TASK_SETUP
+from fedbpt.executor import ERROR_HEADER, TASK_EVAL, TASK_ROUND, TASK_SETUP
 from fedbpt.federation import Federation, TooFewClients
 
 SCALARS = ("dev_acc", "test_acc", "train_acc", "train_loss", "sigma", "best_fitness")
@@ -27,6 +27,7 @@ class FedBPTController(Controller):
         self.out_dir = ""
         self.app_config_dir = ""
         self.lost: set[str] = set()  # sites that missed a deadline: later tasks still go to them, nobody waits
+        self.errors: dict[str, str] = {}  # site -> why it failed the last broadcast (one line)
 
     def start_controller(self, fl_ctx: FLContext) -> None:
         workspace = fl_ctx.get_engine().get_workspace()
@@ -64,9 +65,11 @@ class FedBPTController(Controller):
             abort_signal=abort_signal,
         )
         results, bytes_up = {}, {}
+        self.errors = {}
         answered = {ct.client.name for ct in task.client_tasks if ct.result is not None}
         for site in sorted(set(targets) - answered - self.lost):
             self.log_warning(fl_ctx, f"{site} did not answer {name} in time: later rounds will not wait for it")
+            self.errors[site] = "no answer in time"
         self.lost = (self.lost | set(targets)) - answered
         for ct in task.client_tasks:
             site, result = ct.client.name, ct.result
@@ -74,7 +77,9 @@ class FedBPTController(Controller):
                 continue
             rc = result.get_return_code(ReturnCode.OK)
             if rc != ReturnCode.OK:
-                self.log_warning(fl_ctx, f"{site} failed {name}: {rc}")
+                why = result.get_header(ERROR_HEADER) or rc
+                self.log_warning(fl_ctx, f"{site} failed {name}: {why}")
+                self.errors[site] = str(why)
                 continue
             try:
                 results[site] = from_shareable(result).data
@@ -102,6 +107,19 @@ class FedBPTController(Controller):
             self.system_panic(reason, fl_ctx)
 
     def control_flow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
+        try:
+            self._control_flow(abort_signal, fl_ctx)
+        except Exception as exc:  # a server-side bug must still leave a summary that says failed
+            self.log_exception(fl_ctx, f"control flow failed: {exc}")
+            if self.fed is not None:
+                self._stop(fl_ctx, f"server error {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            else:
+                self.system_panic(f"server error {type(exc).__name__}: {exc}", fl_ctx)
+
+    def _failed(self, sites) -> str:
+        return ", ".join(f"{s} ({self.errors.get(s, 'no result')})" for s in sorted(sites))
+
+    def _control_flow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
         sites = [c.name for c in fl_ctx.get_engine().get_clients()]
         self.fed = fed = Federation(self.config, sites)
         try:
@@ -111,10 +129,17 @@ class FedBPTController(Controller):
             return
         # Sites load data and model before the first round, so --round_timeout measures rounds, not setup.
         ready, _, _ = self._broadcast(TASK_SETUP, {"setup": 1}, fed.sites, fl_ctx, abort_signal, timeout=0)
+        failed = set(fed.sites) - set(ready)
         if len(ready) < self.config["min_clients"]:
-            failed = ", ".join(sorted(set(fed.sites) - set(ready)))
-            self._stop(fl_ctx, f"{len(ready)} sites set up, fewer than --min_clients (failed: {failed}; see its log)")
+            self._stop(
+                fl_ctx,
+                f"{len(ready)} of {len(fed.sites)} sites set up, fewer than --min_clients {self.config['min_clients']}"
+                f" (failed: {self._failed(failed)}; see their logs)",
+            )
             return
+        if failed:
+            self.log_warning(fl_ctx, f"left out of every round, setup failed: {self._failed(failed)}")
+            fed.drop_sites(failed)
         for rnd in range(first, self.config["num_rounds"]):
             if abort_signal.triggered:
                 self._stop(fl_ctx, f"aborted before round {rnd}", panic=False)

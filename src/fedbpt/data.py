@@ -6,6 +6,9 @@ Every site derives its own shard from the shared seed and its site index, so no 
 
 from __future__ import annotations
 
+import json
+import logging
+import numbers
 import os
 import re
 import socket
@@ -57,18 +60,180 @@ def _find_local_file(data_dir: str, split: str) -> str:
     )
 
 
-def load_split(task: TaskSpec, split: str, data_dir: str | None = None) -> Examples:
-    """Load one split from local files (``data_dir``) or the Hugging Face hub."""
-    import datasets  # heavy import: only where data is actually loaded
+def _json_rows(path: str) -> tuple[list, list[str]]:
+    """The examples of a local .jsonl/.json file and where each one is ("line 3"), read with the standard library so
+    that a bad line is named (datasets reports only that generation failed). A .json file may also hold one JSON
+    array of examples or an object of equal-length columns, as datasets' json loader accepts."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path} ({exc.strerror or exc}): fix its permissions") from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # a UTF-8 byte order mark
+    if path.endswith(".json") and raw.lstrip()[:1] in (b"[", b"{"):
+        try:
+            whole = json.loads(_utf8(raw, path))
+        except json.JSONDecodeError as exc:
+            if not (raw.lstrip()[:1] == b"{" and exc.msg == "Extra data"):  # "Extra data" after one object: lines
+                raise ConfigError(
+                    f"{path} is not valid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg}): fix the file"
+                ) from None
+        else:
+            if isinstance(whole, list):
+                return whole, [f"item {i + 1}" for i in range(len(whole))]
+            if isinstance(whole, dict) and whole and all(isinstance(v, list) for v in whole.values()):
+                lengths = {len(v) for v in whole.values()}
+                if len(lengths) != 1:
+                    raise ConfigError(f"{path} holds columns of different lengths {sorted(lengths)}: fix the file")
+                rows = [dict(zip(whole, values)) for values in zip(*whole.values())]
+                return rows, [f"row {i + 1}" for i in range(len(rows))]
+            # a single object: one example per line (JSON lines) with only one line
+    rows, where = [], []
+    for n, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(_utf8(line, path, n)))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"{path} line {n} is not valid JSON ({exc.msg} at column {exc.colno}): fix or remove that line "
+                f"(one JSON object per line)"
+            ) from None
+        where.append(f"line {n}")
+    return rows, where
 
+
+def _utf8(raw: bytes, path: str, line: int | None = None) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = line if line is not None else raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path} line {line} is not UTF-8 text (byte 0x{raw[exc.start]:02x}): save the file as UTF-8"
+        ) from None
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    seen = {id(exc)}
+    while (nxt := exc.__cause__ or exc.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        exc = nxt
+    return exc
+
+
+def _datasets_rows(path: str, fmt: str, split: str, columns: tuple[str, ...]) -> tuple[list, list[str], list[str]]:
+    """A local csv or parquet file through datasets; its failures become one line naming the file."""
+    import datasets
+
+    if fmt == "csv":  # pandas and arrow report bad bytes in several ways, none naming the line: check it here
+        try:
+            with open(path, "rb") as f:
+                _utf8(f.read(), path)
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path} ({exc.strerror or exc}): fix its permissions") from None
     datasets.disable_progress_bars()
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)  # it logs "Failed to read file ..." on stderr before raising
+    try:
+        ds = datasets.load_dataset(fmt, data_files={split: path}, split=split)
+    except Exception as exc:
+        if "corresponds to no data" in str(exc):
+            raise ConfigError(f"{path} holds no examples: a {split} file needs at least one row") from None
+        cause = _root_cause(exc)
+        if isinstance(cause, UnicodeDecodeError):
+            raise ConfigError(f"{path} is not UTF-8 text: save the file as UTF-8") from None
+        if type(cause).__name__ == "EmptyDataError":
+            raise ConfigError(f"{path} is empty: a {split} file needs a header and at least one row") from None
+        why = (str(cause).strip().splitlines() or [""])[0][:160]
+        raise ConfigError(
+            f"cannot read {path} as {fmt} ({type(cause).__name__}: {why}): fix the file, or save it as jsonl"
+        ) from None
+    finally:
+        logger.setLevel(level)
+    present = [c for c in columns if c in ds.column_names]
+    rows = [dict(zip(present, values)) for values in zip(*(ds[c] for c in present))] if present else [{}] * len(ds)
+    return rows, [f"row {i + 1}" for i in range(len(rows))], list(ds.column_names)
+
+
+def _label(value, task: TaskSpec, at: str) -> int:
+    """An integer label of ``task`` (or one of its dropped labels); a float only if integral, never truncated."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        label = int(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and float(value).is_integer():
+        label = int(value)
+    else:
+        shown = "null" if value is None else repr(value)[:40]
+        raise ConfigError(
+            f"{at}: label {shown} is not an integer: labels of task {task.name} are 0..{task.num_classes - 1}"
+        )
+    if not 0 <= label < task.num_classes and label not in task.drop_labels:
+        raise ConfigError(
+            f"{at}: label {label} is outside 0..{task.num_classes - 1} for task {task.name}: fix the label, or "
+            f"pass the --task_name the data is for"
+        )
+    return label
+
+
+def _examples(rows: list, where: list[str], task: TaskSpec, split: str, source: str, columns: list | None) -> Examples:
+    """Validated examples from rows (dicts): every text column a string, every label an integer of the task."""
+    if not rows:
+        raise ConfigError(f"{source} holds no examples: a {split} file needs at least one")
+    needed = (*task.text_columns, "label")
+    if not isinstance(rows[0], dict):
+        raise ConfigError(f"{source} {where[0]} is not an object of columns: each example needs {', '.join(needed)}")
+    has = columns if columns is not None else list(rows[0])
+    missing = [c for c in needed if c not in has]
+    if missing:
+        raise ConfigError(
+            f"{source}: {split} data for task {task.name} lacks columns {missing} (has {has}): "
+            f"use files in the schema of {task.hub_path}"
+        )
+    texts, labels = [], []
+    for row, at in zip(rows, where):
+        at = f"{source} {at}"
+        if not isinstance(row, dict):
+            raise ConfigError(f"{at} is not an object of columns: each example needs {', '.join(needed)}")
+        values = []
+        for c in task.text_columns:
+            if c not in row:
+                raise ConfigError(f"{at} has no '{c}': each example needs {', '.join(needed)}")
+            v = row[c]
+            if not isinstance(v, str):
+                empty = v is None or (isinstance(v, float) and v != v)  # csv: an empty cell reads as null or NaN
+                shown = "null (or empty)" if empty else f"{type(v).__name__} {repr(v)[:40]}"
+                raise ConfigError(f"{at}: '{c}' is {shown}, not text: give every example its text as a string")
+            values.append(v)
+        if "label" not in row:
+            raise ConfigError(f"{at} has no 'label': each example needs {', '.join(needed)}")
+        texts.append(tuple(values))
+        labels.append(_label(row["label"], task, at))
+    return Examples(texts, np.asarray(labels, dtype=np.int64))
+
+
+def load_split(task: TaskSpec, split: str, data_dir: str | None = None) -> Examples:
+    """Load one split from local files (``data_dir``) or the Hugging Face hub.
+
+    Every example is checked: its text columns must be strings, its label an integer in 0..num_classes-1 (or one
+    of the task's dropped labels, e.g. SNLI's -1); a bad file, line or value is refused with one line naming it.
+    """
     if data_dir:
         if not os.path.isdir(data_dir):
             raise ConfigError(f"--data_dir {data_dir} is not a directory: point it at a folder with train/test files")
         path = _find_local_file(data_dir, split)
         fmt = LOCAL_FORMATS[os.path.splitext(path)[1]]
-        ds = datasets.load_dataset(fmt, data_files={split: path}, split=split)
+        if fmt == "json":
+            rows, where = _json_rows(path)
+            columns = None
+        else:
+            rows, where, columns = _datasets_rows(path, fmt, split, (*task.text_columns, "label"))
+        source = path
+        examples = _examples(rows, where, task, split, source, columns)
     else:
+        import datasets  # heavy import: only where data is actually loaded
+
+        datasets.disable_progress_bars()
         why = hub_unreachable()
         if why:
             raise ConfigError(
@@ -82,23 +247,19 @@ def load_split(task: TaskSpec, split: str, data_dir: str | None = None) -> Examp
                 f"cannot load {task.hub_path} ({split}) from the Hugging Face hub ({type(exc).__name__}): "
                 f"pass --data_dir DIR with local {split}.jsonl/.csv/.parquet files in the hub schema"
             ) from None
-    missing = [c for c in (*task.text_columns, "label") if c not in ds.column_names]
-    if missing:
+        cols = [c for c in (*task.text_columns, "label") if c in ds.column_names]
+        rows = [dict(zip(cols, values)) for values in zip(*(ds[c] for c in cols))] if cols else []
+        source = f"{task.hub_path} ({split})"
+        examples = _examples(rows, [f"row {i + 1}" for i in range(len(rows))], task, split, source, ds.column_names)
+    keep = ~np.isin(examples.labels, task.drop_labels) if task.drop_labels else None
+    if keep is None or keep.all():
+        return examples
+    if not keep.any():
         raise ConfigError(
-            f"{split} data for task {task.name} lacks columns {missing} (has {ds.column_names}): "
-            f"use files in the schema of {task.hub_path}"
+            f"{source} has no labelled examples (every label is one of {list(task.drop_labels)}, which task "
+            f"{task.name} drops): give labels 0..{task.num_classes - 1}"
         )
-    labels = np.asarray(ds["label"], dtype=np.int64)
-    columns = [ds[c] for c in task.text_columns]
-    texts = [tuple(str(v) for v in row) for row in zip(*columns)]
-    keep = ~np.isin(labels, task.drop_labels) if task.drop_labels else np.ones(len(labels), dtype=bool)
-    bad = labels[keep][(labels[keep] < 0) | (labels[keep] >= task.num_classes)]
-    if bad.size:
-        raise ConfigError(
-            f"{split} data has label {int(bad[0])} outside 0..{task.num_classes - 1} for task {task.name}"
-        )
-    examples = Examples(texts, labels)
-    return examples if keep.all() else examples.subset(np.flatnonzero(keep))
+    return examples.subset(np.flatnonzero(keep))
 
 
 def k_shot_indices(labels: np.ndarray, k_shot: int, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

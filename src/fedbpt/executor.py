@@ -55,8 +55,19 @@ class FedBPTExecutor(Executor):
             return make_reply(ReturnCode.TASK_ABORTED)
         except ConfigError as exc:
             self.log_error(fl_ctx, f"{site}: {exc}")
-            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
-        except Exception:
+            return _error_reply(str(exc))
+        except Exception as exc:
             self.log_error(fl_ctx, f"{site}: task {task_name} failed:\n{traceback.format_exc()}")
-            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+            return _error_reply(f"{type(exc).__name__}: {exc}")
         return DXO(data_kind=DataKind.COLLECTION, data=out).to_shareable()
+
+
+ERROR_HEADER = "fedbpt_error"
+
+
+def _error_reply(message: str) -> Shareable:
+    """A failure that says why in one line (the server names it in its reasons; the traceback stays in the log)."""
+    reply = make_reply(ReturnCode.EXECUTION_EXCEPTION)
+    first = message.strip().splitlines()[0] if message.strip() else "no message"
+    reply.set_header(ERROR_HEADER, first[:300])
+    return reply

@@ -40,10 +40,14 @@ class Federation:
         self._t0 = 0.0
         self._state = None
 
+    def drop_sites(self, sites) -> None:
+        """Take sites out of the rotation (they failed setup); rounds sample from the rest, as many as it has."""
+        self.sites = sorted(set(self.sites) - set(sites))
+
     def start_round(self, rnd: int) -> tuple[list[str], dict]:
         """The sampled sites and the message every one of them gets."""
         self._t0 = time.time()
-        targets = sorted(self._rng.choice(self.sites, size=self.k, replace=False).tolist())
+        targets = sorted(self._rng.choice(self.sites, size=min(self.k, len(self.sites)), replace=False).tolist())
         self._state = self.server.state(rnd)
         evaluate = rnd % self.cfg["eval_every"] == 0
         return targets, {"state": encode_state(self._state, self.cfg["cov_mode"]), "evaluate": int(evaluate)}

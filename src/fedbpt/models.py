@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import shutil
 import tempfile
 import time
+import zipfile
 
 from fedbpt.tasks import ConfigError
 
@@ -117,6 +119,125 @@ def convert_gguf(gguf_file: str, out_dir: str) -> str:
     return out_dir
 
 
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# Files that carry a tokenizer's vocabulary: without one, transformers builds an empty tokenizer without a word.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+FOLDER_FIX = "point --model_name at a save_pretrained folder of a masked or causal LM, or use --model_name tiny-random"
+
+
+def check_model_folder(path: str) -> None:
+    """Refuse, with one line, a local model folder that cannot be a FedBPT model: no or unreadable config.json, no
+    weights (model.safetensors, pytorch_model.bin or a sharded index of either) or a truncated weights file, no
+    tokenizer vocabulary, or a model that is neither a masked nor a causal LM. Cheap: reads config.json and the
+    weights' headers, never the weights. Anything that is not a folder (a hub id) is left alone."""
+    if not os.path.isdir(path):
+        return
+    if not os.listdir(path):
+        raise ConfigError(f"model folder {path} is empty: {FOLDER_FIX}")
+    config = _read_json(os.path.join(path, "config.json"), "config")
+    if not isinstance(config, dict):
+        raise ConfigError(f"{os.path.join(path, 'config.json')} is not a JSON object: {FOLDER_FIX}")
+    if not isinstance(config.get("model_type"), str):
+        raise ConfigError(f"{os.path.join(path, 'config.json')} names no model_type: {FOLDER_FIX}")
+    model_kind(path)
+    _check_weights(path)
+    names = os.listdir(path)
+    if not any(n in TOKENIZER_FILES or n.endswith(".tiktoken") for n in names):
+        raise ConfigError(
+            f"model folder {path} has no tokenizer ({' or '.join(TOKENIZER_FILES[:3])}): save the tokenizer there "
+            f"too (tokenizer.save_pretrained)"
+        )
+
+
+def _read_json(file: str, what: str):
+    folder = os.path.dirname(file)
+    if not os.path.isfile(file):
+        raise ConfigError(f"model folder {folder} has no {os.path.basename(file)}: {FOLDER_FIX}")
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {file} ({exc.strerror or exc}): fix its permissions") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file} is not UTF-8 text: {FOLDER_FIX}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{file} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}): the model's {what} is "
+            f"damaged; save or download the model again"
+        ) from None
+
+
+def _check_weights(path: str) -> None:
+    present = [n for n in WEIGHT_FILES if os.path.isfile(os.path.join(path, n))]
+    if not present:
+        others = sorted(n for n in os.listdir(path) if n.endswith((".h5", ".msgpack", ".gguf", ".ckpt")))
+        found = f" (only {', '.join(others)}, which need other loaders)" if others else ""
+        raise ConfigError(
+            f"model folder {path} has no PyTorch weights{found}: expected model.safetensors or pytorch_model.bin "
+            f"(or a sharded *.index.json); save the model with save_pretrained"
+        )
+    name = present[0]
+    file = os.path.join(path, name)
+    if name.endswith(".index.json"):
+        index = _read_json(file, "weights index")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConfigError(f"{file} has no weight_map: the model's weights index is damaged; save it again")
+        shards = sorted({str(v) for v in weight_map.values()})
+        missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+        if missing:
+            raise ConfigError(
+                f"model folder {path} lacks weight shards {missing[:3]} named in {name}: copy the whole model folder"
+            )
+        for shard in shards:
+            _check_weight_file(os.path.join(path, shard))
+    else:
+        _check_weight_file(file)
+
+
+def _check_weight_file(file: str) -> None:
+    """A weights file that is at least whole: a safetensors header covering the file, or a readable torch zip."""
+    if os.path.getsize(file) == 0:
+        raise ConfigError(f"weights file {file} is empty: save or copy the model again")
+    if file.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(file, framework="numpy"):
+                pass
+        except Exception as exc:  # SafetensorError (a Rust exception), OSError
+            why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            raise ConfigError(
+                f"weights file {file} is unreadable ({why}): it is truncated or damaged; save or copy the model again"
+            ) from None
+        return
+    try:  # torch.save's format is a zip archive; its directory is at the end, so a truncated file has none
+        if zipfile.is_zipfile(file):
+            with zipfile.ZipFile(file):
+                return
+        with open(file, "rb") as f:
+            legacy = f.read(2)[:1] == b"\x80"  # the pre-1.6 format is a plain pickle
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ConfigError(f"weights file {file} is unreadable ({exc}): save or copy the model again") from None
+    if not legacy:
+        raise ConfigError(
+            f"weights file {file} is neither a torch zip archive nor a pickle: it is truncated or damaged; save or "
+            f"copy the model again"
+        )
+
+
 def model_kind(path: str) -> str:
     """'masked' or 'causal', from the model's config: its architectures if listed, else its model_type.
 
@@ -134,8 +255,9 @@ def model_kind(path: str) -> str:
     check_model_source(path)
     try:
         config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read the config of model '{path}': {str(exc).splitlines()[0][:160]}") from None
+    except Exception as exc:  # OSError, ValueError; a malformed field may raise anything from a config class
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:160]
+        raise ConfigError(f"cannot read the config of model '{path}': {why}; {FOLDER_FIX}") from None
     causal_archs = {a for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for a in _names(v)}
     masked_archs = {a for v in MODEL_FOR_MASKED_LM_MAPPING_NAMES.values() for a in _names(v)}
     for arch in getattr(config, "architectures", None) or []:

@@ -284,7 +284,7 @@ def _build(cfg: dict, texts: list[str], out: str) -> None:
     scale = LOGIT_SCALE / float(np.std(planted[:, 1] - planted[:, 0]))
     label_ids = scorer.label_ids
     scorer.close()
-    _MODEL_CACHE.pop((scaled, "cpu", "sdpa"), None)  # load_model's key: (path, device, attention)
+    _MODEL_CACHE.pop((scaled, "cpu", "sdpa", "masked"), None)  # load_model's key: (path, device, attention, kind)
 
     model = AutoModelForMaskedLM.from_pretrained(scaled)
     _readout_into_head(model, label_ids, scale, bias)
@@ -297,7 +297,7 @@ def _build(cfg: dict, texts: list[str], out: str) -> None:
     final = _scorer(cfg, model_dir)
     logits = final.label_logits(np.stack([np.zeros(d), z_star]), enc)
     final.close()
-    _MODEL_CACHE.pop((model_dir, "cpu", "sdpa"), None)
+    _MODEL_CACHE.pop((model_dir, "cpu", "sdpa", "masked"), None)
     labels = logits[1].argmax(-1)
     data_dir = os.path.join(out, "data")
     os.makedirs(data_dir)

@@ -95,31 +95,30 @@ def check_model_source(model_path: str) -> None:
         )
 
 
-def load_model(model_path: str, device: str, attn_implementation: str = "sdpa") -> tuple:
-    """Load tokenizer and frozen MLM once per process (executors may be rebuilt; the process stays)."""
-    key = (model_path, device, attn_implementation)
+def load_model(model_path: str, device: str, attn_implementation: str = "sdpa", kind: str = "masked") -> tuple:
+    """Tokenizer and frozen LM (``kind`` masked or causal), loaded once per process and shared by every scorer of
+    it (executors may be rebuilt; the process stays)."""
+    key = (model_path, device, attn_implementation, kind)
     if key not in _MODEL_CACHE:
-        import torch
-        from transformers import AutoModelForMaskedLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
+        auto = {"masked": AutoModelForMaskedLM, "causal": AutoModelForCausalLM}[kind]
         hf_logging.disable_progress_bar()
         check_model_source(model_path)
-        is_local = os.path.isdir(model_path)
+        where = "local folder" if os.path.isdir(model_path) else "Hugging Face hub id"
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_path)
-            model = AutoModelForMaskedLM.from_pretrained(model_path, attn_implementation=attn_implementation)
-        except OSError as exc:
-            where = "local folder" if is_local else "Hugging Face hub id"
+            model = auto.from_pretrained(model_path, attn_implementation=attn_implementation)
+        except (OSError, ValueError) as exc:
             raise ConfigError(
-                f"cannot load model '{model_path}' ({where}): {str(exc).splitlines()[0][:160]}; "
+                f"cannot load {kind} LM '{model_path}' ({where}): {str(exc).splitlines()[0][:160]}; "
                 f"pass --model_name with a local model directory, or --model_name tiny-random for a smoke run"
             ) from None
         if not getattr(tokenizer, "is_fast", False):
             raise ConfigError(f"model '{model_path}' has no fast tokenizer: FedBPT needs offsets to find the text")
         model.eval().requires_grad_(False).to(device)
         _MODEL_CACHE[key] = (tokenizer, model)
-        del torch
     return _MODEL_CACHE[key]
 
 
@@ -421,6 +420,7 @@ class Scorer(PromptScorer):
 
     # ---- encoding -------------------------------------------------------------------------------------
     def encode(self, examples: Examples) -> Encoded:
+        """Examples longer than MAX_SEQ_LEN with the prompt are dropped (see ``count_fitting``)."""
         tok, task = self.tokenizer, self.task
         ids, text_masks, mask_pos, keep = [], [], [], []
         for i, (values, _) in enumerate(zip(examples.texts, examples.labels)):
@@ -595,6 +595,16 @@ def loss_and_metrics(logits: np.ndarray, labels: np.ndarray, loss_type: str) -> 
     if n == 0:
         return np.zeros(c), conf
     return example_losses(x, y, loss_type).mean(-1), conf
+
+
+def count_fitting(tokenizer, task: TaskSpec, examples: Examples, n_prompt_tokens: int) -> int:
+    """How many examples the masked scorer keeps (its encode's rule), from the tokenizer alone: preflight uses
+    it to refuse a run whose every example would be dropped."""
+    kept = 0
+    for values in examples.texts:
+        text, _ = render(task.template, task.text_columns, values, tokenizer.mask_token)
+        kept += len(tokenizer(text, add_special_tokens=True)["input_ids"]) + n_prompt_tokens <= MAX_SEQ_LEN
+    return kept
 
 
 def metric_from_confusion(conf: np.ndarray, metric: str) -> float:

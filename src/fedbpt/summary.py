@@ -54,7 +54,7 @@ class RunSummary:
         self.config = config
         self.metric = metric
         self.rounds: list[dict] = []
-        self.best: dict = {"round": None, "dev_acc": None, "test_acc": None}
+        self.best: dict = {"round": None, "dev_acc": None, "dev_loss": None, "test_acc": None}
         self.best_z: np.ndarray | None = None
         self.final: dict | None = None
         self.final_z: np.ndarray | None = None
@@ -66,14 +66,27 @@ class RunSummary:
         for split in ("train", "dev", "test"):
             value, loss = pooled(evals, split, self.metric)
             row[f"{split}_acc"] = value
-            if split == "train":
-                row["train_loss"] = loss
+            if split in ("train", "dev"):
+                row[f"{split}_loss"] = loss
         return row
 
     def _consider_best(self, row: dict, z: np.ndarray) -> None:
+        """Best by dev metric; at an equal metric the lower dev loss wins (a dev set of a few dozen examples
+        ties often, and the earliest of a tie is usually the untrained start), then the earlier round."""
         dev = row.get("dev_acc")
-        if dev is not None and (self.best["dev_acc"] is None or dev > self.best["dev_acc"]):
-            self.best = {"round": row["round"], "dev_acc": dev, "test_acc": row.get("test_acc")}
+        if dev is None or not np.isfinite(dev):  # no dev example scored: nothing to rank by
+            return
+        loss = row.get("dev_loss")
+        loss = np.inf if loss is None else loss
+        best, best_loss = self.best["dev_acc"], self.best.get("dev_loss")
+        best_loss = np.inf if best_loss is None else best_loss
+        if best is None or dev > best or (dev == best and loss < best_loss):
+            self.best = {
+                "round": row["round"],
+                "dev_acc": dev,
+                "dev_loss": row.get("dev_loss"),
+                "test_acc": row.get("test_acc"),
+            }
             self.best_z = np.array(z, dtype=np.float64)
 
     def add_round(self, rnd: int, z: np.ndarray, evals: dict, clients: list[str], **fields) -> dict:
@@ -90,7 +103,15 @@ class RunSummary:
         self.final = row
         self.final_z = np.array(z, dtype=np.float64)
         self._consider_best(row, z)
-        self.status = "completed"
+        # train: every site reports it; test: only eval clients, so absent is allowed, empty is not
+        empty = [k for k in ("train_acc", "test_acc") if _empty(row.get(k), required=k == "train_acc")]
+        if empty:
+            self.fail(
+                f"no example was scored for {', '.join(k[:-4] for k in empty)}: every one was dropped (too "
+                "long for the model with the prompt) or no site reported it; see the sites' logs"
+            )
+        else:
+            self.status = "completed"
         return row
 
     def fail(self, reason: str) -> None:
@@ -146,9 +167,32 @@ class RunSummary:
             if z is not None:
                 atomic_write(os.path.join(out_dir, name), npy_bytes(z))
         path = os.path.join(out_dir, SUMMARY_FILE)
-        text = json.dumps(self.to_dict(), indent=2, default=_json_default)
-        atomic_write(path, text.encode())
+        atomic_write(path, strict_json(self.to_dict()).encode())
         return path
+
+
+def _empty(value, required: bool) -> bool:
+    return (value is None and required) or (value is not None and not np.isfinite(value))
+
+
+def _finite(o):
+    """NaN and infinities become null: JSON has no such numbers, and a strict reader refuses them."""
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return _finite(o.tolist())
+    if isinstance(o, np.generic):
+        o = o.item()
+    if isinstance(o, float) and not np.isfinite(o):
+        return None
+    return o
+
+
+def strict_json(record: dict) -> str:
+    """Indented JSON that any strict parser reads (no NaN, no Infinity)."""
+    return json.dumps(_finite(record), indent=2, allow_nan=False, default=_json_default)
 
 
 def _json_default(o):

@@ -87,6 +87,9 @@ def build_tiny_model(
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # job.py's error and progress lines stay one line each
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
