@@ -61,6 +61,20 @@ def check_deployment_inputs(cfg: dict) -> None:
     parse(os.environ.get(ENV, ""))
 
 
+def check_export_dir(path: str) -> None:
+    """--export-dir must be a folder or creatable as one (NVFlare replaces only a job folder it made itself)."""
+    from fedbpt.tasks import ConfigError
+
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--export-dir {path} is a file: pass a folder (it is created if missing)")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--export-dir {path} cannot be created ({parent} is not a writable folder)")
+
+
 def preflight(cfg: dict) -> None:
     """Fail fast, with one line, on what would otherwise fail inside every client process."""
     from transformers import AutoConfig, AutoTokenizer
@@ -148,8 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve(argv)
         if cfg["export"]:
             check_deployment_inputs(cfg)
+            check_export_dir(cfg["export_dir"])
             job = build_job(cfg)
-            job.export_job(cfg["export_dir"])
+            try:
+                job.export_job(cfg["export_dir"])
+            except (RuntimeError, OSError) as exc:  # e.g. a folder of that name that is not this job's
+                raise ConfigError(f"cannot export to {cfg['export_dir']}: {str(exc).splitlines()[0][:200]}") from None
             print(f"exported job to {os.path.join(os.path.abspath(cfg['export_dir']), cfg['job_name'])}")
             if not cfg["round_timeout"]:
                 print("note: --round_timeout 0: a site that hangs stalls its round; set it for deployments")

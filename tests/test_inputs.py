@@ -135,6 +135,7 @@ CASES = [
     ("job_name_slash", flags("--job_name", "a/b"), "--job_name 'a/b' is not a folder name"),
     ("job_name_space", flags("--job_name", "my job"), "--job_name 'my job' is not a folder name"),
     ("job_name_dotdot", flags("--job_name", ".."), "--job_name '..' is not a folder name"),
+    ("job_name_hidden", flags("--job_name", ".fedbpt"), "--job_name '.fedbpt' is not a folder name"),
     ("sigma_nan", flags("--sigma", "nan"), "--sigma must be a finite number in (0, 1000], got nan"),
     ("sigma_inf", flags("--sigma", "inf"), "--sigma must be a finite number in (0, 1000], got inf"),
     ("sigma_zero", flags("--sigma", "0"), "--sigma must be a finite number in (0, 1000], got 0.0"),

@@ -279,3 +279,25 @@ def test_a_signal_stops_every_process_and_leaves_a_failed_summary(sig, toy_data_
     assert record["rounds_done"] >= 1
     assert record["resume"].endswith(f"--resume {ws / 'fedbpt_checkpoint.npz'}")
     assert f"continue with: {record['resume']}" in err
+
+
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (lambda t: (t / "f").write_text("x") and t / "f", "is a file"),
+        (lambda t: (t / "f").write_text("x") and t / "f" / "jobs", "cannot be created"),
+        (lambda t: (t / "jobs" / "fedbpt").mkdir(parents=True) or (t / "jobs"), "cannot export to"),
+    ],
+)
+def test_an_export_dir_that_cannot_hold_the_job_is_one_line(make, fragment, tmp_path):
+    """A file, a path below a file, or a folder of the job's name that NVFlare did not make (it is left alone)."""
+    target = make(tmp_path)
+    out = subprocess.run(
+        [sys.executable, JOB, "--export", "--export-dir", str(target), "--model_name", "tiny-random"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in out.stderr, out.stderr[-2000:]

@@ -383,9 +383,10 @@ def validate(cfg: dict) -> dict:
         _check_number(cfg, key, lambda v: True, "")
     if cfg["perturb"] and cfg["loss_type"] == "perf":
         raise ConfigError("--loss_type perf cannot be divided as Eq. 7 needs (it is <= 0): use --perturb 0 or ce/hinge")
-    if not JOB_NAME.fullmatch(cfg["job_name"]) or cfg["job_name"] in (".", ".."):
+    if not JOB_NAME.fullmatch(cfg["job_name"]) or cfg["job_name"].startswith("."):
         raise ConfigError(
-            f"--job_name {_show(cfg['job_name'])} is not a folder name: use letters, digits, '-', '_' and '.' only"
+            f"--job_name {_show(cfg['job_name'])} is not a folder name: use letters, digits, '-', '_' and '.' "
+            "(not first)"
         )
     if cfg["gpu"] is not None:
         gpu = cfg["gpu"].replace(" ", "")
