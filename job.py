@@ -28,8 +28,11 @@ SIMULATOR_POLL_SECONDS = 0.05  # NVFlare's default task_request_interval of 2 s 
 INLINE_ARRAYS = {"np_download_chunk_size": 0}
 
 
-def build_job(cfg: dict):
-    """The FedJob: our controller and TensorBoard receiver on the server, our executor on every client."""
+def build_job(cfg: dict, simulator: bool = False):
+    """The FedJob: our controller and TensorBoard receiver on the server, our executor on every client.
+
+    ``simulator``: clients poll the server every 0.05 s, for the simulator only; a deployed job keeps NVFlare's
+    default polling (20 requests a second from every site would load a real server for nothing)."""
     from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
     from nvflare.job_config.api import FedJob
 
@@ -43,7 +46,8 @@ def build_job(cfg: dict):
     attach_to_job(job, cfg, run_cfg)
     job.to_server(FedBPTController(config=run_cfg), id="fedbpt_controller")
     job.to_server(TBAnalyticsReceiver(events=["analytix_log_stats"]), id="tb_receiver")
-    job.to_server({"server": {"task_request_interval": SIMULATOR_POLL_SECONDS}})
+    if simulator:
+        job.to_server({"server": {"task_request_interval": SIMULATOR_POLL_SECONDS}})
     job.to_server(dict(INLINE_ARRAYS))
     job.to_clients(FedBPTExecutor(config=run_cfg), tasks=[TASK_SETUP, TASK_ROUND, TASK_EVAL])
     job.to_clients(dict(INLINE_ARRAYS))
@@ -180,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg["torch_threads"] = max(1, (os.cpu_count() or 1) // cfg["threads"])
         preflight(cfg)
         cfg["resume"], notes = workspace.prepare(cfg["workspace"], cfg["resume"])
-        job = build_job(cfg)
+        job = build_job(cfg, simulator=True)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -2,8 +2,10 @@
 
     python -m bench.smollm2            # FedBPT and FedAvg-BBT x IID and Dir(1.0) x seeds 1-3, plus central BBT and
                                        # FedBPT without Eq. 7 on IID seed 1
-    python -m bench.smollm2 --quick    # seed 1, IID: FedBPT and FedAvg-BBT
+    python -m bench.smollm2 --quick    # seed 1, IID: FedBPT and FedAvg-BBT, 4 rounds
     python -m bench.smollm2 --report_only
+
+Defaults: 4 clients, 6 rounds, k_shot 10 per class (20 train and 20 dev sentences in all), n = 5, d = 500.
 
 Every run goes through federation.run_in_process with client.RuntimePool (the code the NVFlare job runs). The
 test set is the 872 SST-2 validation sentences, scored once per run for the final and the best-dev prompt
@@ -286,7 +288,7 @@ def report(data: dict, args) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=None, help="federated rounds (default 6; --quick: 4)")
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--k_shot", type=int, default=10, help="examples per class in train (and again in dev)")
     p.add_argument("--n_prompt_tokens", type=int, default=5)
@@ -301,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report_only", action="store_true")
     args = p.parse_args(argv)
     args.name = "smollm2_quick" if args.quick else "smollm2"
+    if args.rounds is None:
+        args.rounds = 4 if args.quick else 6
     path = os.path.join(args.out, f"{args.name}_runs.json")
     if args.report_only:
         data = _load(path)

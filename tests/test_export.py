@@ -60,6 +60,12 @@ def test_export_names_our_components_with_the_run_settings(tmp_path):
     assert not [s for s in strings([meta, server, client]) if s.startswith(os.sep) or s.startswith("~")]
 
 
+def test_exported_job_keeps_nvflare_default_polling(tmp_path):
+    """0.05 s polling is for the simulator: a deployed site would ask the server 20 times a second."""
+    _, server, client = configs(export(tmp_path))
+    assert "task_request_interval" not in json.dumps(server) + json.dumps(client)
+
+
 def test_exported_custom_code_is_complete(tmp_path):
     custom = os.path.join(export(tmp_path), "app", "custom")
     shipped = {f[:-3] for f in os.listdir(os.path.join(custom, "fedbpt")) if f.endswith(".py")}
