@@ -301,3 +301,35 @@ def test_an_export_dir_that_cannot_hold_the_job_is_one_line(make, fragment, tmp_
     assert out.returncode == 2, out.stderr[-2000:]
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+def test_setup_failures_are_named_with_their_errors():
+    from fedbpt.controller import FedBPTController
+
+    ctrl = FedBPTController(config=validate(dict(DEFAULTS, intrinsic_dim=8, num_clients=3)))
+    ctrl.errors = {"site-2": "ConfigError: no 'train' file in --data_dir /x"}
+    assert ctrl._failed({"site-3", "site-2"}) == (
+        "site-2 (ConfigError: no 'train' file in --data_dir /x), site-3 (no result)"
+    )
+
+
+@pytest.mark.slow
+def test_resuming_from_the_workspace_own_checkpoint_keeps_it(toy_data_dir, tmp_path):
+    """README's pattern --resume W/fedbpt_checkpoint.npz --workspace W: the simulator's wipe used to delete the
+    file being resumed (and the earlier run's results)."""
+    ws = tmp_path / "ws"
+    base = [sys.executable, JOB, "--config", os.path.join(REPO, "configs", "tiny.yaml"), "--data_dir", toy_data_dir]
+    base += ["--k_shot", "8", "--num_clients", "2", "--workspace", str(ws)]
+    first = subprocess.run(base + ["--num_rounds", "2"], capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = ws / "fedbpt_checkpoint.npz"
+    saved = ckpt.read_bytes()
+    second = subprocess.run(
+        base + ["--num_rounds", "3", "--resume", str(ckpt)], capture_output=True, text=True, timeout=900
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "moved the previous run's results" in second.stdout
+    assert (ws / "previous" / "fedbpt_checkpoint.npz").read_bytes() == saved  # the resumed file survived
+    summary = strict_load(str(ws / SUMMARY_FILE))
+    assert summary["status"] == "completed" and [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    assert strict_load(str(ws / "previous" / SUMMARY_FILE))["config"]["num_rounds"] == 2
