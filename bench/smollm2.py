@@ -247,16 +247,24 @@ def plot(data: dict, path: str) -> None:
     import numpy as np
 
     refs = {int(k): v for k, v in data["references"].items()}
-    fig, axes = plt.subplots(1, len(SPLITS), figsize=(5.5 * len(SPLITS), 4.0), sharey=True, squeeze=False)
-    for ax, split in zip(axes[0], SPLITS):
+    fig, axes = plt.subplots(2, len(SPLITS), figsize=(5.5 * len(SPLITS), 7.5), sharex=True, squeeze=False)
+    for col, split in enumerate(SPLITS):
+        ax, ax_loss = axes[0][col], axes[1][col]
         for m in METHODS:
             rs = [r for r in data["records"] if r["split"] == split and r["method"] == m]
             if not rs:
                 continue
             acc = np.array([[x["dev_acc"] for x in r["rounds"]] + [r["final"]["dev_acc"]] for r in rs], dtype=float)
             x = np.arange(acc.shape[1])
-            (line,) = ax.plot(x, 100 * acc.mean(0), label=f"{m} (global dev)", lw=1.6)
+            (line,) = ax.plot(x, 100 * acc.mean(0), label=f"{m}: global dev", lw=1.6)
             ax.fill_between(x, 100 * acc.min(0), 100 * acc.max(0), alpha=0.12, color=line.get_color())
+            best = [(r["best"]["round"], 100 * r["best"]["test_acc"]) for r in rs if r["best"]["test_acc"] is not None]
+            if best:
+                bx, by = zip(*best)
+                ax.scatter(bx, by, marker="x", color=line.get_color(), label=f"{m}: test of the best-dev prompt")
+            loss = np.array([[x["train_loss"] for x in r["rounds"]] for r in rs], dtype=float)
+            ax_loss.plot(np.arange(loss.shape[1]), loss.mean(0), color=line.get_color(), lw=1.6, label=m)
+            ax_loss.fill_between(np.arange(loss.shape[1]), loss.min(0), loss.max(0), alpha=0.12, color=line.get_color())
         for key, style, name in (
             ("no_prompt", "--", "no prompt"),
             ("calibrated_no_prompt", ":", "calibrated no prompt"),
@@ -265,10 +273,13 @@ def plot(data: dict, path: str) -> None:
                 mean = 100 * np.mean([r[key] for r in refs.values()])
                 ax.axhline(mean, color="k" if key == "no_prompt" else "grey", ls=style, lw=1, label=f"{name} (test)")
         ax.set_title(f"SmolLM2-135M, SST-2, {split}")
-        ax.set_xlabel("round")
         ax.grid(alpha=0.3)
+        ax_loss.set_xlabel("round")
+        ax_loss.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy % (mean over seeds; band: min-max)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    axes[1][0].set_ylabel("global train loss (ce; mean, band: min-max)")
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    axes[1][-1].legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=100)
