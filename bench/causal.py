@@ -1,7 +1,7 @@
 """Causal scorer benchmark on SmolLM2-135M: the prefix key/value cache against full inputs, and one local round.
 
-python bench/causal.py                    # n = 5 and n = 50, 5 candidates x 32 SST-2 train sentences (a few minutes)
-python bench/causal.py --round_examples 0 # skip the local-round measurement
+python -m bench.causal                    # n = 5 and n = 50, 5 candidates x 32 SST-2 train sentences (a few minutes)
+python -m bench.causal --round_examples 0 # skip the local-round measurement
 
 Measures, in one process with the same model, data and threads:
 - one CMA-ES generation (--candidates z's on --examples sentences) scored with the prefix cache (the default) and
@@ -26,7 +26,8 @@ import sys
 import time
 
 import numpy as np
-from common import add_src_path, rss_bytes, sst2_split  # noqa: I001
+
+from bench.common import rss_bytes, sst2_split
 
 
 def timed(fn, *args):
@@ -37,7 +38,7 @@ def timed(fn, *args):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m", help="model name (fedbpt.models) or a causal LM folder")
+    p.add_argument("--model", default="smollm2-135m", help="model name (fedbpt.core.models) or a causal LM folder")
     p.add_argument("--n", type=int, nargs="+", default=[5, 50], help="prompt lengths to measure")
     p.add_argument("--candidates", type=int, default=5)
     p.add_argument("--examples", type=int, default=32)
@@ -55,16 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.candidates, args.examples, args.repeats) < 1:
         print("error: --candidates, --examples and --repeats must be >= 1", file=sys.stderr)
         return 2
-
-    add_src_path()
     import torch
 
-    from fedbpt.causal import CausalScorer
-    from fedbpt.data import Examples
-    from fedbpt.models import resolve_model
-    from fedbpt.search import GlobalState, LocalObjective, evaluate, local_search, perturb
-    from fedbpt.summary import atomic_write
-    from fedbpt.tasks import get_task
+    from fedbpt.core.causal import CausalScorer
+    from fedbpt.core.data import Examples
+    from fedbpt.core.models import resolve_model
+    from fedbpt.core.search import GlobalState, LocalObjective, evaluate, local_search, perturb
+    from fedbpt.core.summary import atomic_write
+    from fedbpt.core.tasks import get_task
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,7 +1,7 @@
 """Shared pieces of the benchmarks: offline real-shape random models and SST-2 text.
 
 No pretrained weights can be downloaded here, and speed does not depend on the weights' values, so the
-benchmarks use a randomly initialised model of a real architecture's shape. Its tokenizer is fedbpt.tiny's
+benchmarks use a randomly initialised model of a real architecture's shape. Its tokenizer is fedbpt.research.tiny's
 byte-level BPE trained on the SST-2 training sentences; the model's embedding matrix still has the real
 vocabulary's 50,265 rows, so embedding and LM-head sizes (and the weight bytes) are those of the real model.
 """
@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -29,12 +28,6 @@ SHAPES = {
         "intermediate_size": 4096,
     },
 }
-
-
-def add_src_path() -> None:
-    src = os.path.join(ROOT, "src")
-    if src not in sys.path:
-        sys.path.insert(0, src)
 
 
 def synthetic_sentences(n: int, seed: int) -> list[str]:
@@ -74,9 +67,8 @@ def build_shape_model(shape: str, cache_dir: str, seed: int = 0) -> str:
     import torch
     from transformers import AutoTokenizer, RobertaConfig, RobertaForMaskedLM
 
-    add_src_path()
-    from fedbpt.tasks import get_task
-    from fedbpt.tiny import build_tiny_model
+    from fedbpt.core.tasks import get_task
+    from fedbpt.research.tiny import build_tiny_model
 
     texts, _, source = sst2_split("train")
     label_words = get_task("sst2").label_words
@@ -87,7 +79,7 @@ def build_shape_model(shape: str, cache_dir: str, seed: int = 0) -> str:
     os.makedirs(cache_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".shape-", dir=cache_dir)
     try:
-        # fedbpt.tiny's BPE, trained on the SST-2 sentences with room for RoBERTa's vocabulary size
+        # fedbpt.research.tiny's BPE, trained on the SST-2 sentences with room for RoBERTa's vocabulary size
         tok_dir = build_tiny_model(os.path.join(tmp, "tok"), texts, label_words, seed, vocab_size=ROBERTA_VOCAB)
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         config = RobertaConfig(

@@ -24,7 +24,6 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "src"))
 
 SPLITS = {
     "IID": {"iid": True},
@@ -77,7 +76,7 @@ DATA_KEYS = (
 
 
 def base_config(args, seed: int, split: str) -> dict:
-    from fedbpt.config import DEFAULTS, validate
+    from fedbpt.core.config import DEFAULTS, validate
 
     cfg = dict(DEFAULTS)
     cfg.update(
@@ -107,19 +106,20 @@ def site_pool(args, seed: int, split: str):
     """The sites of one (seed, split), set up once per worker: data, encodings and model are shared by its methods."""
     import torch
 
-    from fedbpt.client import RuntimePool
+    from fedbpt.core.client import RuntimePool
+    from fedbpt.core.preflight import prepare_config
 
     if _POOL.get("key") != (seed, split):
         if "pool" in _POOL:
             _POOL["pool"].close()
         torch.set_num_threads(1)
-        _POOL.update(key=(seed, split), pool=RuntimePool(base_config(args, seed, split), args.cache))
+        _POOL.update(key=(seed, split), pool=RuntimePool(prepare_config(base_config(args, seed, split)), args.cache))
     return _POOL["pool"]
 
 
 def run_one(job: tuple) -> dict:
     """One method on one (seed, split), in a worker that keeps the sites of its last (seed, split)."""
-    from fedbpt.federation import run_in_process
+    from fedbpt.core.federation import run_in_process
 
     args, seed, split, name, options, rounds = job
     pool = site_pool(args, seed, split)
@@ -214,7 +214,7 @@ def heavy_first(methods: dict) -> list[str]:
 
 
 def ensure_bundles(args, seeds: list[int]) -> dict:
-    from fedbpt.planted import ensure_bundle
+    from fedbpt.research.planted import ensure_bundle
 
     return {s: ensure_bundle(base_config(args, s, "IID"), args.cache).meta for s in seeds}
 
@@ -435,9 +435,9 @@ def communication(d: int = 500) -> str:
     from nvflare.app_common.decomposers import common_decomposers
     from nvflare.fuel.utils import fobs
 
-    from fedbpt.baselines import LocalStates
-    from fedbpt.search import GlobalState, make_es
-    from fedbpt.wire import encode_state, encode_update, payload_bytes
+    from fedbpt.core.baselines import LocalStates
+    from fedbpt.core.search import GlobalState, make_es
+    from fedbpt.core.wire import encode_state, encode_update, payload_bytes
 
     common_decomposers.register()  # numpy arrays, as an NVFlare server or client process registers them
 
@@ -591,7 +591,7 @@ def _job_key(method: str, seed: int, split: str, rounds: int) -> tuple:
 
 
 def save(records: list[dict], metas: dict, args, wall: float) -> None:
-    from fedbpt.summary import atomic_write
+    from fedbpt.core.summary import atomic_write
 
     os.makedirs(args.out, exist_ok=True)
     data = {"args": vars(args), "wall_seconds": wall, "bundles": metas, "records": records}
@@ -599,7 +599,7 @@ def save(records: list[dict], metas: dict, args, wall: float) -> None:
 
 
 def report(records: list[dict], metas: dict, args, wall: float) -> int:
-    from fedbpt.summary import atomic_write
+    from fedbpt.core.summary import atomic_write
 
     args.perturb_rates = getattr(args, "perturb_rates", None)  # results saved before the sweep existed
     args.name = "learning_perturb" if args.perturb_rates else "learning"

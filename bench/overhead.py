@@ -1,6 +1,6 @@
 """Orchestration overhead per round: simulator round wall time minus the clients' own model work.
 
-python bench/overhead.py        # tiny-random, 10 clients, 20 rounds, NVFlare simulator (a few minutes)
+python -m bench.overhead        # tiny-random, 10 clients, 20 rounds, NVFlare simulator (a few minutes)
 
 Runs job.py in the NVFlare simulator (one process per client, all in parallel), then reads the run summary:
 each round row holds the server's wall time of the round (``seconds``: from sending the task to having
@@ -21,7 +21,8 @@ import tempfile
 import time
 
 import numpy as np
-from common import write_json  # noqa: I001  (run as a script: bench/ is on sys.path)
+
+from bench.common import write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

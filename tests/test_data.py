@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from conftest import write_jsonl
 
-from fedbpt.data import class_takes, k_shot_indices, least_norm_sizes, load_split, partition, site_data, site_index
-from fedbpt.tasks import ConfigError, get_task
+from fedbpt.core.data import class_takes, k_shot_indices, least_norm_sizes, load_split, partition, site_data, site_index
+from fedbpt.core.tasks import get_task
+from fedbpt.errors import ConfigError
 
 LABELS = np.repeat(np.arange(3), [50, 40, 30])
 

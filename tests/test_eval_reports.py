@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import logging
 
+import helpers
 import numpy as np
 import pytest
+from conftest import valid_upload
 
-from fedbpt.config import DEFAULTS, validate
-from fedbpt.federation import Federation, TooFewClients
-from fedbpt.scorer import Encoded
-from fedbpt.search import evaluate
-from fedbpt.wire import PayloadError, decode_eval
-from tests.conftest import valid_upload
+from fedbpt.core.federation import Federation
+from fedbpt.core.scorer import Encoded
+from fedbpt.core.search import evaluate
+from fedbpt.core.wire import decode_eval
+from fedbpt.errors import PayloadError, TooFewClients
 
 D, ITERS = 8, 4
 SITES = ["site-1", "site-2", "site-3"]
@@ -21,9 +22,7 @@ CONF1, CONF2 = np.array([[3, 1], [0, 4]]), np.array([[2, 2], [1, 3]])
 
 
 def make_cfg(**kw) -> dict:
-    base = dict(DEFAULTS, intrinsic_dim=D, local_iter=ITERS, num_clients=3, min_clients=2, num_rounds=3)
-    base.update(kw)
-    return validate(base)
+    return helpers.make_cfg(dict(intrinsic_dim=D, local_iter=ITERS, num_clients=3, min_clients=2, num_rounds=3), **kw)
 
 
 def report(conf=CONF1, loss=0.2, split="train", **extra) -> dict:
@@ -160,7 +159,7 @@ def test_round_with_a_hostile_report_completes_with_the_honest_sites(kind, caplo
     without.start_round(0)
     mean0 = fed._state.mean
     ok = {"site-1": upload("site-1", mean0, report(CONF1, 0.2)), "site-2": upload("site-2", mean0, report(CONF2, 0.6))}
-    with caplog.at_level(logging.WARNING, logger="fedbpt.federation"):
+    with caplog.at_level(logging.WARNING, logger="fedbpt.core.federation"):
         row = fed.finish_round(0, targets, {**ok, "site-3": upload("site-3", mean0, bad_report(kind))})
     ref = without.finish_round(0, targets, dict(ok))
 
@@ -200,7 +199,7 @@ def test_final_evaluation_drops_a_bad_report(caplog):
         "site-2": {**report(CONF2, 0.6), **report(CONF2, 0.3, split="dev")},
         "site-3": {**bad_report("wrong_shape"), **report(CONF1, 0.1, split="dev")},
     }
-    with caplog.at_level(logging.ERROR, logger="fedbpt.federation"):
+    with caplog.at_level(logging.ERROR, logger="fedbpt.core.federation"):
         row = fed.finish(results)
     dropped = [r for r in caplog.records if "dropped the report of site-3" in r.getMessage()]
     assert len(dropped) == 1 and "'train_confusion'" in dropped[0].getMessage()
@@ -211,7 +210,7 @@ def test_final_evaluation_drops_a_bad_report(caplog):
 
 def test_best_prompt_is_the_highest_dev_accuracy_then_the_lowest_dev_loss():
     """Small dev sets tie often: a tie goes to the lower dev loss, a full tie to the earlier round."""
-    from fedbpt.summary import RunSummary
+    from fedbpt.core.summary import RunSummary
 
     s = RunSummary({}, "acc")
     good, tie_worse, tie_better, worse = CONF1, CONF1, CONF1, CONF2  # dev acc 7/8, 7/8, 7/8, 5/8

@@ -1,28 +1,42 @@
-"""The exported job folder is what a real deployment receives: it must be complete and free of this machine's paths."""
+"""The exported job folder is what a real deployment receives: complete, lean, polling as deployed, and free of this
+machine's paths. FedBPTRecipe and job.py --export give the same folder."""
 
 from __future__ import annotations
 
 import ast
+import filecmp
 import json
 import os
+import site
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-import job
-from fedbpt import checkpoint
-from fedbpt.config import DEFAULTS, validate
-from fedbpt.federation import Federation
+from fedbpt.cli import main as job
+from fedbpt.core import checkpoint
+from fedbpt.core.config import DEFAULTS, validate
+from fedbpt.core.federation import Federation
+from fedbpt.errors import ConfigError
 
-BASE = ["--model_name", "tiny-random", "--num_clients", "2", "--num_rounds", "3", "--intrinsic_dim", "8"]
+# a hub id: exporting resolves nothing, so the job names no path of this machine
+BASE = ["--model_name", "roberta-large", "--num_clients", "2", "--num_rounds", "3", "--intrinsic_dim", "8"]
+OPTIONS = dict(model_name="roberta-large", num_clients=2, num_rounds=3, intrinsic_dim=8)
+RESEARCH_OR_BENCH = ("fedbpt/research/", "fedbpt/cli/", "bench/", "tests/")
 
 
 def export(tmp_path, *extra: str) -> str:
     out = str(tmp_path / "jobs")
     assert job.main([*BASE, "--export", "--export-dir", out, *extra]) == 0
     return os.path.join(out, "fedbpt")
+
+
+def recipe_export(tmp_path, **kw) -> str:
+    from fedbpt import FedBPTRecipe
+
+    FedBPTRecipe(**{**OPTIONS, **kw}).export(str(tmp_path / "recipe_jobs"))
+    return os.path.join(str(tmp_path / "recipe_jobs"), "fedbpt")
 
 
 def configs(job_dir: str) -> tuple[dict, dict, dict]:
@@ -32,6 +46,11 @@ def configs(job_dir: str) -> tuple[dict, dict, dict]:
 
     app = ("app", "config")
     return read("meta.json"), read(*app, "config_fed_server.json"), read(*app, "config_fed_client.json")
+
+
+def shipped_files(job_dir: str) -> list[str]:
+    custom = os.path.join(job_dir, "app", "custom")
+    return sorted(os.path.relpath(os.path.join(d, f), custom) for d, _, fs in os.walk(custom) for f in fs)
 
 
 def strings(obj):
@@ -50,46 +69,98 @@ def test_export_names_our_components_with_the_run_settings(tmp_path):
     meta, server, client = configs(job_dir)
     assert meta["name"] == "fedbpt" and meta["min_clients"] == 1 and meta["deploy_map"] == {"app": ["@ALL"]}
     (wf,) = server["workflows"]
-    assert wf["path"] == "fedbpt.controller.FedBPTController"
+    assert wf["path"] == "fedbpt.flare.controller.FedBPTController"
     assert wf["args"]["config"]["round_timeout"] == 90 and wf["args"]["config"]["intrinsic_dim"] == 8
     (ex,) = client["executors"]
-    assert ex["executor"]["path"] == "fedbpt.executor.FedBPTExecutor"
+    assert ex["executor"]["path"] == "fedbpt.flare.executor.FedBPTExecutor"
     assert set(ex["tasks"]) == {"fedbpt_setup", "fedbpt_round", "fedbpt_eval"}
     assert ex["executor"]["args"]["config"] == wf["args"]["config"]
     # nothing that points into the exporting machine (the data folder is the sites' business: see site.py)
     assert not [s for s in strings([meta, server, client]) if s.startswith(os.sep) or s.startswith("~")]
 
 
-def test_exported_job_keeps_nvflare_default_polling(tmp_path):
+def test_recipe_exports_the_same_job_as_job_py(tmp_path):
+    a, b = export(tmp_path, "--round_timeout", "30"), recipe_export(tmp_path, round_timeout=30)
+    assert configs(a) == configs(b)
+    assert shipped_files(a) == shipped_files(b)
+    custom_a, custom_b = (os.path.join(x, "app", "custom") for x in (a, b))
+    assert all(
+        filecmp.cmp(os.path.join(custom_a, f), os.path.join(custom_b, f), shallow=False) for f in shipped_files(a)
+    )
+
+
+def test_exported_job_polls_at_the_deployment_interval(tmp_path):
     """0.05 s polling is for the simulator: a deployed site would ask the server 20 times a second."""
+    from fedbpt import FedBPTRecipe
+
     _, server, client = configs(export(tmp_path))
-    assert "task_request_interval" not in json.dumps(server) + json.dumps(client)
+    assert "task_request_interval" not in json.dumps(server) + json.dumps(client)  # NVFlare's default (2 s)
+    _, server, _ = configs(recipe_export(tmp_path, task_request_interval=5.0))
+    assert server["server"]["task_request_interval"] == 5.0
+    # inside the simulator block the job polls at 0.05 s; afterwards an export is the deployed job again
+    recipe = FedBPTRecipe(**OPTIONS)
+    with recipe.simulator_polling() as fed_job:
+        fed_job.export_job(str(tmp_path / "sim"))
+    _, server, _ = configs(str(tmp_path / "sim" / "fedbpt"))
+    assert server["server"]["task_request_interval"] == 0.05
+    recipe.export(str(tmp_path / "after"))
+    _, server, _ = configs(str(tmp_path / "after" / "fedbpt"))
+    assert "task_request_interval" not in json.dumps(server)
 
 
-def test_exported_custom_code_is_complete(tmp_path):
-    custom = os.path.join(export(tmp_path), "app", "custom")
-    shipped = {f[:-3] for f in os.listdir(os.path.join(custom, "fedbpt")) if f.endswith(".py")}
+def test_exported_custom_code_is_complete_and_holds_no_research_code(tmp_path):
+    job_dir = export(tmp_path)
+    custom = os.path.join(job_dir, "app", "custom")
+    shipped = shipped_files(job_dir)
+    modules = {f[:-3].replace(os.sep, ".") for f in shipped if f.endswith(".py")}
+    assert {"fedbpt.flare.controller", "fedbpt.flare.executor", "fedbpt.core.checkpoint", "fedbpt.core.site"} <= modules
+    assert not [f for f in shipped if f.startswith(RESEARCH_OR_BENCH)], shipped
+    assert all(f.startswith(("fedbpt/core/", "fedbpt/flare/", "fedbpt/errors.py")) for f in shipped), shipped
     needed = set()
-    for name in shipped:
-        with open(os.path.join(custom, "fedbpt", name + ".py")) as f:
-            tree = ast.parse(f.read())
+    for f in shipped:
+        with open(os.path.join(custom, f)) as src:
+            tree = ast.parse(src.read())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fedbpt."):
-                needed.add(node.module.split(".")[1])
+                needed.add(node.module)
             elif isinstance(node, ast.ImportFrom) and node.module == "fedbpt":
-                pytest.fail(f"fedbpt/{name}.py uses 'from fedbpt import ...', which the exporter does not follow")
-    assert {"controller", "executor", "checkpoint", "fault", "site"} <= shipped
-    assert needed <= shipped, f"imported but not shipped: {sorted(needed - shipped)}"
-    # and the shipped code imports on its own, without this repository on the path
+                pytest.fail(f"{f} uses 'from fedbpt import ...', which the exporter does not follow")
+    assert needed <= modules, f"imported but not shipped: {sorted(needed - modules)}"
+    # and the shipped code imports on its own from the job folder (its package __init__ files stay behind): -S
+    # skips the .pth files, so the editable install of this checkout cannot supply what the folder lacks
+    code = (
+        f"import sys; sys.path[:0] = ['.']; sys.path += {site.getsitepackages()!r}; "
+        "import fedbpt.flare.controller as c, fedbpt.flare.executor as e; print(c.__file__); print(e.__file__)"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    code = "import fedbpt.controller, fedbpt.executor, fedbpt.checkpoint; print(fedbpt.controller.__file__)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=custom, env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().startswith(custom)
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=custom, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert all(line.startswith(custom) for line in out.stdout.split()), out.stdout
+
+
+def test_a_fault_plan_ships_the_fault_injector_and_only_then(tmp_path):
+    _, _, client = configs(recipe_export(tmp_path, fault_plan="site-2:1:raise"))
+    (ex,) = client["executors"]
+    assert ex["executor"]["path"] == "fedbpt.research.fault.FaultInjectingExecutor"
+    assert ex["executor"]["args"]["plan"] == "site-2:1:raise"
+    assert "fedbpt/research/fault.py" in shipped_files(os.path.join(str(tmp_path / "recipe_jobs"), "fedbpt"))
+    with pytest.raises(ConfigError, match="item 'site-2:x' is not site:round:mode"):
+        recipe_export(tmp_path, fault_plan="site-2:x")
+
+
+def test_recipe_options_are_checked_strictly():
+    from fedbpt import FedBPTRecipe
+
+    with pytest.raises(ConfigError, match=r"unknown options \['num_client'\]"):
+        FedBPTRecipe(num_client=3)
+    with pytest.raises(ConfigError, match="--num_rounds"):
+        FedBPTRecipe(num_rounds="many")
+    with pytest.raises(ConfigError, match="task_request_interval must be a positive number"):
+        FedBPTRecipe(task_request_interval=0)
 
 
 def test_export_with_resume_ships_the_checkpoint(tmp_path):
-    cfg = validate(dict(DEFAULTS, model_name="tiny-random", num_clients=2, num_rounds=1, intrinsic_dim=8))
+    cfg = validate({**DEFAULTS, **OPTIONS, "num_rounds": 1})
     fed = Federation(cfg, ["site-1", "site-2"])
     fed.start_round(0)
     path = checkpoint.save(fed, 0, str(tmp_path / "run"))
@@ -107,7 +178,7 @@ def test_export_with_resume_ships_the_checkpoint(tmp_path):
 
 
 def test_export_refuses_a_checkpoint_of_another_run(tmp_path, capsys):
-    cfg = validate(dict(DEFAULTS, model_name="tiny-random", num_clients=2, num_rounds=1, intrinsic_dim=9))
+    cfg = validate({**DEFAULTS, **OPTIONS, "intrinsic_dim": 9, "num_rounds": 1})
     path = checkpoint.save(Federation(cfg, ["site-1", "site-2"]), 0, str(tmp_path / "run"))
     out = str(tmp_path / "jobs")
     assert job.main([*BASE, "--export", "--export-dir", out, "--resume", path]) == 2

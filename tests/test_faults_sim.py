@@ -15,11 +15,12 @@ import sys
 
 import numpy as np
 import pytest
-from deploy_util import NO_DATA, REPO, SST2, small_sst2
+from deploy_util import small_sst2
+from helpers import NO_SST2, REPO, SST2
 
-from fedbpt.checkpoint import CHECKPOINT_FILE
+from fedbpt.core.checkpoint import CHECKPOINT_FILE
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.isdir(SST2), reason=NO_DATA)]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.isdir(SST2), reason=NO_SST2)]
 
 ROUND_TIMEOUT = 10
 
@@ -132,11 +133,12 @@ def test_resumed_run_equals_an_uninterrupted_one(stopped, data, tmp_path):
     assert summary["rounds"][0] == first_round  # carried over from the checkpoint
     z = np.load(os.path.join(resumed, "prompt_final.npy"))
 
-    from fedbpt.client import RuntimePool
-    from fedbpt.config import resolve
-    from fedbpt.federation import run_in_process
+    from fedbpt.core.client import RuntimePool
+    from fedbpt.core.config import resolve
+    from fedbpt.core.federation import run_in_process
+    from fedbpt.core.preflight import prepare_config
 
-    cfg = resolve(base_args(data, str(tmp_path), 2, 3))
+    cfg = prepare_config(resolve(base_args(data, str(tmp_path), 2, 3)))
     uninterrupted = run_in_process(cfg, RuntimePool(cfg, str(tmp_path / "cache")))
     assert np.array_equal(uninterrupted.final_z, z)
     assert [r["sigma"] for r in uninterrupted.rounds] == [r["sigma"] for r in summary["rounds"]]

@@ -14,13 +14,14 @@ import subprocess
 import sys
 
 import pytest
+from helpers import REPO
 
-from fedbpt.config import DEFAULTS, check_machine, resolve, validate
-from fedbpt.data import load_split
-from fedbpt.models import check_model_folder
-from fedbpt.tasks import ConfigError, get_task
+from fedbpt.core.config import DEFAULTS, check_machine, resolve, validate
+from fedbpt.core.data import load_split
+from fedbpt.core.models import check_model_folder
+from fedbpt.core.tasks import get_task
+from fedbpt.errors import ConfigError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROW = '{"sentence": "a fine film", "label": 1}\n'
 
 

@@ -9,12 +9,12 @@ import os
 import numpy as np
 import pytest
 
-from fedbpt.aggregation import ClientUpdate
-from fedbpt.baselines import FedAvgServer, LocalOnlyServer
-from fedbpt.config import DEFAULTS, validate
-from fedbpt.planted import calibrated_zero, ensure_bundle
-from fedbpt.summary import pooled
-from fedbpt.wire import decode_state, encode_state
+from fedbpt.core.aggregation import ClientUpdate
+from fedbpt.core.baselines import FedAvgServer, LocalOnlyServer
+from fedbpt.core.config import DEFAULTS, validate
+from fedbpt.core.summary import pooled
+from fedbpt.core.wire import decode_state, encode_state
+from fedbpt.research.planted import calibrated_zero, ensure_bundle
 
 # Justified from the measured spread of this configuration: see the last test's docstring.
 MIN_GAIN = 0.10
@@ -43,10 +43,11 @@ def small_config(seed: int, cache: str, **overrides) -> dict:
 
 
 def small_run(seed: int, cache: str, **overrides):
-    from fedbpt.client import RuntimePool
-    from fedbpt.federation import run_in_process
+    from fedbpt.core.client import RuntimePool
+    from fedbpt.core.federation import run_in_process
+    from fedbpt.core.preflight import prepare_config
 
-    cfg = small_config(seed, cache, **overrides)
+    cfg = prepare_config(small_config(seed, cache, **overrides))
     pool = RuntimePool(cfg, cache)
     try:
         return run_in_process(cfg, pool)
@@ -60,7 +61,8 @@ def cache(tmp_path_factory) -> str:
 
 
 def test_planted_bundle_is_well_formed_and_deterministic(cache, tmp_path):
-    from fedbpt.client import SiteRuntime
+    from fedbpt.core.client import SiteRuntime
+    from fedbpt.core.preflight import prepare_config
 
     cfg = small_config(1, cache)
     bundle = ensure_bundle(cfg, cache)
@@ -68,7 +70,9 @@ def test_planted_bundle_is_well_formed_and_deterministic(cache, tmp_path):
     labels = np.array([r["label"] for r in rows])
     assert 0.4 <= labels.mean() <= 0.6  # balanced by construction (median split on a 400-window subset)
     assert bundle.meta["test"]["zero_acc"] <= 0.72  # the zero prompt is far from the labels (<= 0.65 on the subset)
-    runtime = SiteRuntime(cfg, "site-1", cache)
+    prepared = prepare_config(cfg)  # the run's view: the bundle's model and data, named by path
+    assert (prepared["model_name"], prepared["data_dir"]) == (bundle.model_dir, bundle.data_dir)
+    runtime = SiteRuntime(prepared, "site-1", cache)
     try:
         lengths = {len(x) for x in runtime.train.ids} | {len(x) for x in runtime.test.ids}
         assert len(lengths) == 1  # one length, hence one mask position, for every example
@@ -135,20 +139,22 @@ def test_small_fedbpt_run_fits_planted_labels_well_above_the_zero_prompt(cache):
     assert final - zero >= MIN_GAIN, (zero, final)
 
 
-@pytest.mark.parametrize("seed, best_round", [(1, 3), (3, 5)])
-def test_test_set_scored_only_at_the_end_gives_the_same_run_and_best_test(seed, best_round, cache):
+@pytest.mark.parametrize("seed", [1, 3])
+def test_test_set_scored_only_at_the_end_gives_the_same_run_and_best_test(seed, cache):
     """--test_eval end leaves the test set alone during training and scores the best-dev prompt at the end: the
-    search, the best round and its test accuracy are those of a run that scores the test set every round.
-    Seed 1: dev ties at rounds 3 and 5, round 3 has the lower dev loss (measured), so an earlier prompt is scored;
-    seed 3: the final prompt is the best (a tie with round 3 that its lower dev loss wins), whose test scores the
-    final evaluation reuses."""
+    search, the best round and its test accuracy are those of a run that scores the test set every round. The
+    best round is whatever dev picks (20-sentence dev sets tie often; a tie goes to the lower dev loss, a margin
+    of 1e-3 that float rounding on another CPU can flip): an earlier prompt is scored separately, the final one
+    reuses the final evaluation's test scores."""
     every = small_run(seed, cache, num_rounds=5)
     end = small_run(seed, cache, num_rounds=5, test_eval="end")
     assert all(r["test_acc"] is not None for r in every.rounds)
     assert all(r["test_acc"] is None for r in end.rounds)
     assert np.array_equal(end.final_z, every.final_z) and np.array_equal(end.best_z, every.best_z)
-    assert end.best["round"] == every.best["round"] == best_round
+    assert end.best["round"] == every.best["round"]
     assert end.best["test_acc"] == every.best["test_acc"] is not None
     assert end.final["test_acc"] == every.final["test_acc"]
-    if best_round == 5:
+    if end.best["round"] == 5:
         assert end.best["test_acc"] == end.final["test_acc"]
+    else:
+        assert end.best["test_acc"] == every.rounds[end.best["round"]]["test_acc"]

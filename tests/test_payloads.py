@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import logging
 
+import helpers
 import numpy as np
 import pytest
+from conftest import valid_upload
 
-from fedbpt.config import DEFAULTS, validate
-from fedbpt.federation import Federation, TooFewClients
-from fedbpt.wire import PayloadError, decode_update
-from tests.conftest import valid_upload
+from fedbpt.core.federation import Federation
+from fedbpt.core.wire import decode_update
+from fedbpt.errors import PayloadError, TooFewClients
 
 D, ITERS = 8, 4
 SITES = ["site-1", "site-2", "site-3"]
 
 
 def make_cfg(**kw) -> dict:
-    base = dict(DEFAULTS, intrinsic_dim=D, local_iter=ITERS, num_clients=3, min_clients=2, num_rounds=3)
-    base.update(kw)
-    return validate(base)
+    return helpers.make_cfg(dict(intrinsic_dim=D, local_iter=ITERS, num_clients=3, min_clients=2, num_rounds=3), **kw)
 
 
 def good(site: str, state_mean: np.ndarray) -> dict:
@@ -111,7 +110,7 @@ def test_bad_payload_is_rejected_logged_and_leaves_no_trace(kind, caplog):
     before = es_snapshot(with_bad)
     mean0 = with_bad._state.mean
     ok = {s: good(s, mean0) for s in ("site-1", "site-2")}
-    with caplog.at_level(logging.WARNING, logger="fedbpt.federation"):
+    with caplog.at_level(logging.WARNING, logger="fedbpt.core.federation"):
         row = with_bad.finish_round(0, targets, {**ok, "site-3": broken(kind, good("site-3", mean0))})
     without.finish_round(0, targets, dict(ok))
 

@@ -15,11 +15,13 @@ import time
 
 import numpy as np
 import pytest
-from deploy_util import NO_DATA, SST2, PocDeployment, small_sst2
+from deploy_util import PocDeployment, small_sst2
+from helpers import NO_SST2, SST2
 
-from fedbpt.checkpoint import CHECKPOINT_FILE, CheckpointError, load
+from fedbpt.core.checkpoint import CHECKPOINT_FILE, load
+from fedbpt.errors import CheckpointError
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.isdir(SST2), reason=NO_DATA)]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.isdir(SST2), reason=NO_SST2)]
 
 JOB_ARGS = [  # configs/tiny.yaml, but naming no data folder: the sites know where their data is
     "--model_name", "tiny-random", "--task_name", "sst2", "--n_prompt_tokens", "10", "--intrinsic_dim", "50",
@@ -56,11 +58,20 @@ def poc(tmp_path_factory):
     assert not left, f"processes still running after stopping the deployment: {[p.pid for p in left]}"
 
 
-def export(tmp_path, *extra: str) -> str:
-    import job
+def tiny_model(data: str) -> str:
+    """tiny-random is built from the training texts, so the export names the folder built from the sites' data (on
+    this machine every site reads it; a real project ships a model folder to every site)."""
+    from fedbpt.core.config import resolve
+    from fedbpt.core.preflight import prepare_config
+
+    return prepare_config(resolve([*JOB_ARGS, "--data_dir", data]))["model_name"]
+
+
+def export(tmp_path, data: str, *extra: str) -> str:
+    from fedbpt.cli import main as job
 
     out = str(tmp_path / "jobs")
-    assert job.main([*JOB_ARGS, *extra, "--export", "--export-dir", out]) == 0
+    assert job.main([*JOB_ARGS, "--model_name", tiny_model(data), *extra, "--export", "--export-dir", out]) == 0
     return os.path.join(out, "fedbpt")
 
 
@@ -91,17 +102,18 @@ def run_to_completion(dep: PocDeployment, job_dir: str, tmp_path) -> tuple[dict,
 
 
 def in_process(data: str, rounds: int, cache: str):
-    from fedbpt.client import RuntimePool
-    from fedbpt.config import resolve
-    from fedbpt.federation import run_in_process
+    from fedbpt.core.client import RuntimePool
+    from fedbpt.core.config import resolve
+    from fedbpt.core.federation import run_in_process
+    from fedbpt.core.preflight import prepare_config
 
-    cfg = resolve([*JOB_ARGS, "--num_rounds", str(rounds), "--data_dir", data])
+    cfg = prepare_config(resolve([*JOB_ARGS, "--num_rounds", str(rounds), "--data_dir", data]))
     return run_in_process(cfg, RuntimePool(cfg, cache))
 
 
 def test_exported_job_runs_on_a_poc_deployment(poc, tmp_path):
     dep, data = poc
-    job_dir = export(tmp_path, "--num_rounds", "2")
+    job_dir = export(tmp_path, data, "--num_rounds", "2")
     t0 = time.time()
     summary, workspace = run_to_completion(dep, job_dir, tmp_path)
     print(
@@ -125,7 +137,7 @@ def test_run_resumes_after_the_server_is_stopped(poc, tmp_path):
     dep, data = poc
     session = dep.session()
     try:
-        job_id = session.submit_job(export(tmp_path / "long", "--num_rounds", "40"))
+        job_id = session.submit_job(export(tmp_path / "long", data, "--num_rounds", "40"))
         server_ckpt = os.path.join(dep.prod, "server", job_id, CHECKPOINT_FILE)
         deadline, done = time.time() + JOB_TIMEOUT, 0
         while done < 2 and time.time() < deadline:
@@ -155,7 +167,7 @@ def test_run_resumes_after_the_server_is_stopped(poc, tmp_path):
     t0 = time.time()
     dep.start()
     t_restart = time.time() - t0
-    job_dir = export(tmp_path / "resume", "--num_rounds", str(done + 2), "--resume", saved)
+    job_dir = export(tmp_path / "resume", data, "--num_rounds", str(done + 2), "--resume", saved)
     summary, workspace = run_to_completion(dep, job_dir, tmp_path)
     print(f"\nPOC: stopped after {done} rounds in {t_stop:.1f}s, restarted in {t_restart:.1f}s")
     assert summary["status"] == "completed" and [r["round"] for r in summary["rounds"]] == list(range(done + 2))

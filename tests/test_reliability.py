@@ -13,18 +13,16 @@ import time
 
 import numpy as np
 import pytest
+from helpers import JOB, REPO
 
-from fedbpt import simulate, workspace
-from fedbpt.aggregation import ServerES
-from fedbpt.config import DEFAULTS, validate
-from fedbpt.federation import Federation
-from fedbpt.search import local_search
-from fedbpt.summary import SUMMARY_FILE, RunSummary
-from fedbpt.tasks import ConfigError
-from fedbpt.wire import ClientUpdate
-from tests.conftest import REPO
-
-JOB = os.path.join(REPO, "job.py")
+from fedbpt.cli import simulate, workspace
+from fedbpt.core.aggregation import ServerES
+from fedbpt.core.config import DEFAULTS, validate
+from fedbpt.core.federation import Federation
+from fedbpt.core.search import local_search
+from fedbpt.core.summary import SUMMARY_FILE, RunSummary
+from fedbpt.core.wire import ClientUpdate
+from fedbpt.errors import ConfigError
 
 
 def strict_load(path: str) -> dict:
@@ -185,7 +183,7 @@ def test_preflight_refuses_a_run_whose_every_example_would_be_dropped(toy_data_d
 
 # ---- server side ------------------------------------------------------------------------------------------------
 def test_a_server_side_exception_leaves_a_failed_summary(tmp_path, monkeypatch):
-    from fedbpt.controller import FedBPTController
+    from fedbpt.flare.controller import FedBPTController
 
     cfg = validate(dict(DEFAULTS, intrinsic_dim=8, num_clients=2, num_rounds=2))
     ctrl = FedBPTController(config=cfg)
@@ -293,7 +291,7 @@ def test_an_export_dir_that_cannot_hold_the_job_is_one_line(make, fragment, tmp_
     """A file, a path below a file, or a folder of the job's name that NVFlare did not make (it is left alone)."""
     target = make(tmp_path)
     out = subprocess.run(
-        [sys.executable, JOB, "--export", "--export-dir", str(target), "--model_name", "tiny-random"],
+        [sys.executable, JOB, "--export", "--export-dir", str(target), "--model_name", "roberta-large"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -304,7 +302,7 @@ def test_an_export_dir_that_cannot_hold_the_job_is_one_line(make, fragment, tmp_
 
 
 def test_setup_failures_are_named_with_their_errors():
-    from fedbpt.controller import FedBPTController
+    from fedbpt.flare.controller import FedBPTController
 
     ctrl = FedBPTController(config=validate(dict(DEFAULTS, intrinsic_dim=8, num_clients=3)))
     ctrl.errors = {"site-2": "ConfigError: no 'train' file in --data_dir /x"}

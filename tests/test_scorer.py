@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-import fedbpt.scorer as scorer_module
-from fedbpt.data import Examples
-from fedbpt.scorer import Encoded, Scorer, load_model
-from fedbpt.tasks import TASKS, ConfigError, TaskSpec, get_task
+import fedbpt.core.scorer as scorer_module
+from fedbpt.core.data import Examples
+from fedbpt.core.scorer import Encoded, Scorer, load_model
+from fedbpt.core.tasks import TASKS, TaskSpec, get_task
+from fedbpt.errors import ConfigError
 
 N_PROMPT, D = 6, 20
 EXAMPLES = Examples([("the film is great",), ("a dull and messy script",), ("so warm",)], np.array([1, 0, 1]))
@@ -173,17 +174,23 @@ def test_the_prompt_changes_the_logits_and_zero_prompt_is_the_bare_template(scor
         np.testing.assert_allclose(out[0, 0], plain, rtol=1e-5, atol=1e-6)
 
 
-def test_lm_head_output_bias_is_zero(tiny_model_dir):
-    """A model with a non-zero MLM output bias scores as if it had none (BBT): the scorer zeroes it."""
-    _, model = load_model(tiny_model_dir, "cpu")  # the process-cached model every scorer of this folder shares
+def test_lm_head_output_bias_is_zero(tiny_model_dir, tmp_path):
+    """A model saved with a non-zero MLM output bias scores as if it had none (BBT): the scorer zeroes it."""
+    import shutil
+
+    from transformers import AutoModelForMaskedLM
+
+    biased = str(tmp_path / "biased")
+    shutil.copytree(tiny_model_dir, biased)
+    raw = AutoModelForMaskedLM.from_pretrained(biased)
     with torch.no_grad():
-        model.get_output_embeddings().bias.copy_(
-            torch.randn(model.config.vocab_size, generator=torch.Generator().manual_seed(0)) * 10
-        )
-    assert torch.count_nonzero(model.get_output_embeddings().bias) > 0
-    s = Scorer(tiny_model_dir, get_task("sst2"), N_PROMPT, D, "add", seed=3)
+        raw.lm_head.bias.copy_(torch.randn(raw.config.vocab_size, generator=torch.Generator().manual_seed(0)) * 10)
+    raw.save_pretrained(biased)
+    again = AutoModelForMaskedLM.from_pretrained(biased)  # the premise: the folder's head has the bias
+    assert torch.count_nonzero(again.lm_head.bias) > 0 and torch.count_nonzero(again.get_output_embeddings().bias) > 0
+    s = Scorer(biased, get_task("sst2"), N_PROMPT, D, "add", seed=3)
+    model = s.model
     try:
-        assert s.model is model
         assert torch.count_nonzero(model.get_output_embeddings().bias) == 0
         assert torch.count_nonzero(model.lm_head.bias) == 0
         enc = s.encode(EXAMPLES)
@@ -230,7 +237,7 @@ def test_bare_label_word_that_splits_takes_its_first_piece_and_warns(tiny_model_
     tok = load_model(tiny_model_dir, "cpu")[0]
     pieces = tok.encode("zyzzogeton", add_special_tokens=False)
     assert len(pieces) > 1
-    with caplog.at_level("WARNING", logger="fedbpt.scorer"):
+    with caplog.at_level("WARNING", logger="fedbpt.core.scorer"):
         for _ in range(2):
             s = Scorer(tiny_model_dir, _odd_task("bad", "zyzzogeton"), N_PROMPT, D, "add", seed=3)
             s.close()
@@ -281,10 +288,10 @@ def test_every_template_has_one_mask_and_all_its_text_columns(name):
 
 def test_tiny_tokenizer_has_both_forms_of_every_label_word(tmp_path):
     """The tiny model works under both encodings: "Word" and " Word" are single, different tokens for every task."""
+    from conftest import toy_sentences
     from transformers import AutoTokenizer
 
-    from fedbpt.tiny import build_tiny_model
-    from tests.conftest import toy_sentences
+    from fedbpt.research.tiny import build_tiny_model
 
     words = sorted({w for task in TASKS.values() for w in task.label_words})
     tok = AutoTokenizer.from_pretrained(build_tiny_model(str(tmp_path / "m"), toy_sentences(100, 1)[0], words, 7))

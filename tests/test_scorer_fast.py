@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import deterministic_texts
 
-from fedbpt.data import Examples
-from fedbpt.scorer import Encoded, Scorer, example_losses, loss_and_metrics, plan_batches
-from fedbpt.search import GlobalState, LocalObjective, eq7_fitness, local_search, perturb
-from fedbpt.tasks import get_task
-from tests.conftest import deterministic_texts
+from fedbpt.core.data import Examples
+from fedbpt.core.scorer import Encoded, Scorer, example_losses, loss_and_metrics, plan_batches
+from fedbpt.core.search import GlobalState, LocalObjective, eq7_fitness, local_search, perturb
+from fedbpt.core.tasks import get_task
 
 N_PROMPT, DIM = 8, 20
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from fedbpt import search
-from fedbpt.scorer import Encoded, loss_and_metrics
-from fedbpt.search import (
+from fedbpt.core import search
+from fedbpt.core.scorer import Encoded, loss_and_metrics
+from fedbpt.core.search import (
     GlobalState,
     LocalObjective,
     cached_eigh,

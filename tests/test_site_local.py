@@ -5,18 +5,19 @@ from __future__ import annotations
 import json
 import os
 
+import helpers
 import numpy as np
 import pytest
 
-from fedbpt.config import DEFAULTS, validate
-from fedbpt.data import Examples
-from fedbpt.search import GlobalState, local_search
-from fedbpt.site import SITE_FILE, pick_device, site_settings
-from fedbpt.tasks import ConfigError, get_task
+from fedbpt.core.data import Examples
+from fedbpt.core.search import GlobalState, local_search
+from fedbpt.core.site import SITE_FILE, pick_device, site_settings
+from fedbpt.core.tasks import get_task
+from fedbpt.errors import ConfigError, InjectedFault
 
 
 def make_cfg(**kw) -> dict:
-    return validate(dict(DEFAULTS, num_clients=3, k_shot=4, **kw))
+    return helpers.make_cfg(dict(num_clients=3, k_shot=4), **kw)
 
 
 def write_site_file(folder, **values) -> str:
@@ -75,7 +76,6 @@ def test_own_data_is_used_whole_and_seeds_stay_distinct(tmp_path):
         ({"FEDBPT_SITE_INDEX": "4"}, "site_index '4' must be 1..3"),
         ({"FEDBPT_SITE_INDEX": "first"}, "site_index 'first' must be 1..3"),
         ({"FEDBPT_DATA_DIR": "/nonexistent/fedbpt"}, "data folder /nonexistent/fedbpt does not exist"),
-        ({"FEDBPT_SITE_INDEX": "own"}, "tiny-random builds its model from the training texts"),
         ({}, "site 'hospital-a' has no shard"),
     ],
 )
@@ -131,35 +131,45 @@ def test_a_gpu_the_client_cannot_see_is_refused(gpus):
 # --- fault injection --------------------------------------------------------------------------------------------
 
 
-def test_fault_plan_parsing():
-    from fedbpt.fault import fault_for, parse
+def test_fault_plan_parsing_and_lookup():
+    from fedbpt.research.fault import FaultInjectingExecutor, parse
 
     assert parse("site-2:1:raise, site-3:12:hang,") == {("site-2", 1): "raise", ("site-3", 12): "hang"}
-    env = {"FEDBPT_FAULT": "site-2:1:exit"}
-    assert fault_for("site-2", 1, env) == "exit" and fault_for("site-2", 0, env) is None
-    assert fault_for("site-1", 1, env) is None and fault_for("site-2", 1, {}) is None
     for bad in ("site-2:1", "site-2:x:raise", "site-2:1:explode"):
-        with pytest.raises(ConfigError, match=f"item '{bad}' is not site:round:mode"):
+        with pytest.raises(ConfigError, match=f"fault plan item '{bad}' is not site:round:mode"):
             parse(bad)
+    calls = []
+
+    class Runtime:
+        def run_round(self, state, evaluate, should_stop):
+            calls.append(state["round"])
+            return {"mean": np.zeros(2)}
+
+    ex = FaultInjectingExecutor(config={}, plan="site-2:1:raise")
+    msg = {"state": {"round": 1}, "evaluate": 0}
+    out = ex.run_round("site-1", Runtime(), msg, lambda: False)
+    assert calls == [1] and np.array_equal(out["mean"], np.zeros(2))  # another site's round runs as usual
+    with pytest.raises(InjectedFault, match="site-2: injected fault in round 1"):
+        ex.run_round("site-2", Runtime(), msg, lambda: False)
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("mode", ["nan", "huge"])
-def test_garbage_faults_corrupt_the_upload(monkeypatch, mode):
-    from fedbpt.fault import run_with_faults
-    from fedbpt.wire import PayloadError, decode_update
+def test_garbage_faults_corrupt_the_upload(mode):
+    from fedbpt.core.wire import decode_update
+    from fedbpt.errors import PayloadError
+    from fedbpt.research.fault import run_with_faults
 
-    monkeypatch.setenv("FEDBPT_FAULT", f"site-1:0:{mode}")
     upload = {"mean": np.zeros(4), "fitness": 0.5, "sigmas": np.ones(2), "sigma_final": 1.0, "popsize": 2}
-    out = run_with_faults("site-1", 0, lambda: dict(upload), lambda: False)
+    out = run_with_faults(mode, "site-1", 0, lambda: dict(upload), lambda: False)
     decode_update("site-1", upload, 4, 2)  # the clean upload is fine
     with pytest.raises(PayloadError):
         decode_update("site-1", out, 4, 2)
 
 
-def test_hang_fault_ends_when_the_task_is_aborted(monkeypatch):
-    from fedbpt.fault import run_with_faults
+def test_hang_fault_ends_when_the_task_is_aborted():
+    from fedbpt.research.fault import run_with_faults
 
-    monkeypatch.setenv("FEDBPT_FAULT", "site-1:0:hang")
     polls = []
 
     def should_stop() -> bool:
@@ -167,7 +177,7 @@ def test_hang_fault_ends_when_the_task_is_aborted(monkeypatch):
         return len(polls) >= 3
 
     with pytest.raises(InterruptedError):
-        run_with_faults("site-1", 0, lambda: pytest.fail("a hanging site must not do the work"), should_stop)
+        run_with_faults("hang", "site-1", 0, lambda: pytest.fail("a hanging site must not do the work"), should_stop)
     assert len(polls) == 3
 
 
@@ -212,7 +222,7 @@ def test_executor_passes_the_abort_signal_to_the_local_search(monkeypatch):
     from nvflare.apis.fl_constant import ReturnCode
     from nvflare.apis.signal import Signal
 
-    from fedbpt import executor as ex
+    from fedbpt.flare import executor as ex
 
     signal = Signal()
     seen = {}

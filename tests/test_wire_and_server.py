@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from fedbpt.aggregation import ClientUpdate, ServerES, paper_sigma, reference_sigma
-from fedbpt.search import GlobalState
-from fedbpt.wire import PayloadError, decode_state, decode_update, encode_state, encode_update
+from fedbpt.core.aggregation import ClientUpdate, ServerES, paper_sigma, reference_sigma
+from fedbpt.core.search import GlobalState
+from fedbpt.core.wire import decode_state, decode_update, encode_state, encode_update
+from fedbpt.errors import PayloadError
 
 D = 12
 

@@ -1,0 +1,25 @@
+"""What many tests need: where the offline data lives, and configs built the way a run builds them."""
+
+from __future__ import annotations
+
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")  # ../shared/data beside the checkout
+SST2 = os.path.join(SHARED_DATA, "sst2")
+NO_SST2 = f"the real SST-2 copy is not at {SST2} (../shared/data beside the checkout; see its README)"
+JOB = os.path.join(REPO, "job.py")
+
+
+def make_cfg(base: dict | None = None, **kw) -> dict:
+    """Defaults <- ``base`` <- ``kw``, validated (what job.py's options give, without building anything)."""
+    from fedbpt.core.config import DEFAULTS, validate
+
+    return validate({**DEFAULTS, **(base or {}), **kw})
+
+
+def run_cfg(base: dict | None = None, **kw) -> dict:
+    """As :func:`make_cfg`, then prepared as a run prepares it (tiny-random and planted built, named by path)."""
+    from fedbpt.core.preflight import prepare_config
+
+    return prepare_config(make_cfg(base, **kw))
