@@ -1,0 +1,1 @@
+"""The command line (job.py, the fedbpt script): guarded simulator runs and exports."""

@@ -1,0 +1,107 @@
+"""The command line: ``python job.py`` / ``fedbpt``. Runs the job in a guarded simulator, or exports it.
+
+    fedbpt --config configs/tiny.yaml                    # offline smoke run in the simulator
+    fedbpt --model_name roberta-large --task_name sst2    # the paper's setting (GPU, hub access)
+    fedbpt --export --export-dir ./jobs                   # job folder for `nvflare job submit`
+
+Flags keep the reference example's names. Everything is checked before a process starts; bad input is one line
+(``error: ...``) and exit 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+from fedbpt.errors import ConfigError
+
+FAULT_ENV = "FEDBPT_FAULT"  # a fault plan for drills and tests (research/fault.py)
+
+
+def protected_folders() -> dict[str, str]:
+    """Folders a workspace may not be, nor contain: the simulator wipes its workspace."""
+    here = os.getcwd()
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    folders = {"the current directory": here, "the home directory": os.path.expanduser("~")}
+    if os.path.isfile(os.path.join(checkout, "pyproject.toml")):  # an editable install: the source checkout
+        folders["the project checkout"] = checkout
+    return folders
+
+
+def check_export_dir(path: str) -> None:
+    """--export-dir must be a folder or creatable as one (NVFlare replaces only a job folder it made itself)."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--export-dir {path} is a file: pass a folder (it is created if missing)")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--export-dir {path} cannot be created ({parent} is not a writable folder)")
+
+
+def _export(cfg: dict, fault_plan: str | None) -> int:
+    from fedbpt.flare.recipe import FedBPTRecipe
+
+    check_export_dir(cfg["export_dir"])
+    recipe = FedBPTRecipe(config=cfg, fault_plan=fault_plan)
+    try:
+        recipe.export(cfg["export_dir"])
+    except (RuntimeError, OSError) as exc:  # e.g. a folder of that name that is not this job's
+        raise ConfigError(f"cannot export to {cfg['export_dir']}: {str(exc).splitlines()[0][:200]}") from None
+    print(f"exported job to {os.path.join(os.path.abspath(cfg['export_dir']), cfg['job_name'])}")
+    if not cfg["round_timeout"]:
+        print("note: --round_timeout 0: a site that hangs stalls its round; set it for deployments")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fedbpt.core.config import resolve
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # nvflare.recipe reads (and strips) --export/--export-dir from sys.argv when imported, and warns that it does:
+    # here they are job.py's own flags, parsed from argv above, so the warning is noise
+    warnings.filterwarnings("ignore", message="NVFlare reserves '--export'", category=UserWarning)
+    fault_plan = os.environ.get(FAULT_ENV, "").strip() or None
+    try:
+        cfg = resolve(argv)
+        if fault_plan:
+            from fedbpt.research.fault import parse
+
+            parse(fault_plan)
+        if cfg["export"]:
+            return _export(cfg, fault_plan)
+        from fedbpt.cli import workspace
+        from fedbpt.core.preflight import preflight, prepare_config
+        from fedbpt.flare.recipe import FedBPTRecipe
+
+        workspace.check(cfg["workspace"], protected_folders())
+        cfg["workspace"] = os.path.abspath(os.path.expanduser(cfg["workspace"]))
+        if not cfg["torch_threads"]:
+            cfg["torch_threads"] = max(1, (os.cpu_count() or 1) // cfg["threads"])
+        cfg = prepare_config(cfg)
+        preflight(cfg)
+        cfg["resume"], notes = workspace.prepare(cfg["workspace"], cfg["resume"])
+        recipe = FedBPTRecipe(config=cfg, fault_plan=fault_plan)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted before the run started; nothing was run", file=sys.stderr)
+        return 130
+    for note in notes:
+        print(note)
+    from fedbpt.cli import simulate
+
+    rc, record = simulate.run(recipe, cfg, argv)
+    print(f"summary: {os.path.join(cfg['workspace'], 'fedbpt_summary.json')} ({record['status']})")
+    if record["status"] != "completed":
+        hint = f"; continue with: {record['resume']}" if record.get("resume") else " (no checkpoint to resume from)"
+        print(f"error: the run stopped: {record.get('reason', 'see the server log')}{hint}", file=sys.stderr)
+    return rc
+
+
+def main_exit() -> None:
+    """The ``fedbpt`` console script."""
+    sys.exit(main())

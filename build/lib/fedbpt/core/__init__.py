@@ -1,0 +1,1 @@
+"""The NVFlare-free core: tasks, data, scorers, search, aggregation, wire format and round logic."""

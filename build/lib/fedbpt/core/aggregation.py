@@ -1,0 +1,191 @@
+"""Server-side aggregation: the global CMA-ES told the clients' local means, with the FedBPT step-size rule.
+
+The server never samples candidates itself: its "population" is the K client means after local search. Two
+consequences shape this module:
+- pycma at d >= 300 defaults to TPA step-size adaptation, which assumes the told points came from ask(); told
+  foreign points it never shrinks sigma. We pick CSA explicitly.
+- the local searches, not the server's sigma, produced the points, so the server's sigma is reset before
+  tell() to a value derived from the local step sizes (paper Eq. 6, or the reference example's rule). The step
+  sent to the clients is the previous sent step scaled by the change CSA made to that corrected step, as in the
+  reference code (:func:`sigma_sent`).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedbpt.core.search import GlobalState, make_es
+
+log = logging.getLogger(__name__)
+
+SIGMA_FLOOR = 0.5  # the reference example's floor, as written in its sent-step code (it never binds; see below)
+# server_sigma rule -> (step the server's CMA-ES update uses, how the step sent to the clients follows from it)
+SIGMA_RULES = {"paper": ("eq6", "ratio"), "reference": ("reference", "ratio"), "eq6_sent": ("eq6", "after_tell")}
+
+
+@dataclass
+class ClientUpdate:
+    site: str
+    mean: np.ndarray
+    fitness: float
+    sigmas: np.ndarray
+    popsize: int
+    n_train: int
+    sigma_final: float  # the local step after the last tell (FedAvg-BBT and local-only continue from it)
+
+
+@dataclass
+class AggregationInfo:
+    sigma_before_tell: float
+    sigma_sent: float
+    clipped: int = 0
+    notes: dict = field(default_factory=dict)
+
+
+def paper_sigma(fitnesses: np.ndarray, sigmas: list[np.ndarray], popsizes: list[int]) -> float:
+    """Paper Eq. 6: 2 * sqrt( sum_{k in S'} sum_j sigma_{k,j}^2 / (|S| lambda_k) ), S' = the best |S|/2 clients.
+
+    |S|/2 is rounded down and at least 1 client is kept.
+    """
+    s = len(fitnesses)
+    best = np.argsort(np.asarray(fitnesses), kind="stable")[: max(1, s // 2)]
+    total = sum(float(np.sum(np.square(sigmas[k]))) / popsizes[k] for k in best)
+    return 2.0 * float(np.sqrt(total / s))
+
+
+def reference_sigma(sigmas: list[np.ndarray], mu_local: int) -> float:
+    """The NVFlare example's rule before tell: sqrt( sum_k sum_j sigma_{k,j}^2 / m / mu_local )."""
+    m = len(sigmas)
+    return float(np.sqrt(sum(float(np.sum(np.square(s))) for s in sigmas) / m / mu_local))
+
+
+def reference_sigma_sent(sigma_after: float, sigma_before: float, previous_sent: float) -> float:
+    """The NVFlare example's sent-step code, statement by statement.
+
+    ``local_sigma_current`` is updated before the two clamps, so the second clamp undoes whatever the first did:
+    the result is exactly ``sigma_after / sigma_before * previous_sent``. It falls below 0.5 and grows when CSA
+    grows the server's step; neither clamp ever changes it.
+    """
+    sigma = sigma_after / sigma_before * previous_sent
+    local_sigma_current = sigma
+    if sigma < SIGMA_FLOOR:
+        sigma = SIGMA_FLOOR
+    if sigma > local_sigma_current:
+        sigma = local_sigma_current
+    return sigma
+
+
+def sigma_before_tell(rule: str, fitnesses: np.ndarray, sigmas: list[np.ndarray], popsizes: list[int]) -> float:
+    """The server's step for its own CMA-ES update: the local searches, not the server, produced the told points."""
+    if SIGMA_RULES[rule][0] == "eq6":
+        return paper_sigma(fitnesses, sigmas, popsizes)
+    return reference_sigma(sigmas, max(1, popsizes[0] // 2))  # pycma's default mu for popsize lambda
+
+
+def sigma_sent(rule: str, sigma_after: float, sigma_before: float, previous_sent: float) -> float:
+    """The step the clients start from next round.
+
+    paper and reference scale the previous sent step by the change CSA made to the corrected step (the reference
+    code). eq6_sent sends the post-tell step itself: an ablation of what not to do, since Eq. 6 returns about
+    2 * sqrt(I / (2 lambda)) = 1.8 times the local steps and the sent step then grows every round.
+    """
+    if SIGMA_RULES[rule][1] == "after_tell":
+        return float(sigma_after)
+    return float(reference_sigma_sent(sigma_after, sigma_before, previous_sent))
+
+
+def mahalanobis_clip_threshold(d: int) -> float:
+    """pycma's tell() rescales told points whose Mahalanobis distance from the mean exceeds this."""
+    return float(np.sqrt(d) + 2.0 * d / (d + 2.0))
+
+
+class ServerES:
+    """The global CMA-ES over z in R^d; popsize = mu = the number of clients per round."""
+
+    def __init__(
+        self, d: int, sigma0: float, clients_per_round: int, seed: int, bound: float = 0.0, sigma_rule: str = "paper"
+    ) -> None:
+        if sigma_rule not in SIGMA_RULES:
+            raise ValueError(f"unknown server sigma rule {sigma_rule!r}: one of {', '.join(SIGMA_RULES)}")
+        self.sigma_rule = sigma_rule
+        self.bound = float(bound)
+        self.k = clients_per_round
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.es = make_es(
+                np.zeros(d),
+                sigma0,
+                clients_per_round,
+                seed,
+                bound,
+                {"CMA_mu": clients_per_round},
+                adaptation="csa",
+            )
+        self.sent_sigma = float(sigma0)
+
+    def _mean_in_bounds(self) -> np.ndarray:
+        """The mean as a point of the box. With --bound, pycma keeps its mean in genotype space, which its
+        boundary transform maps onto the box; near a small box's faces the genotype lies outside it, and a client
+        whose CMA-ES started from that point would refuse it. The phenotype is what clients search around."""
+        mean = np.array(self.es.mean, dtype=np.float64)
+        if self.bound <= 0:
+            return mean
+        inside = np.asarray(self.es.boundary_handler.transform(mean), dtype=np.float64)
+        return np.clip(inside, -self.bound, self.bound)
+
+    @property
+    def d(self) -> int:
+        return self.es.N
+
+    def state(self, round_: int) -> GlobalState:
+        return GlobalState(
+            round_,
+            self._mean_in_bounds(),
+            self.sent_sigma,
+            np.array(self.es.sm.C, dtype=np.float64),
+        )
+
+    def aggregate(self, updates: list[ClientUpdate]) -> AggregationInfo:
+        """Tell the client means with their local fitnesses; set sigma by the chosen rule."""
+        from threadpoolctl import threadpool_limits
+
+        if not updates:
+            raise ValueError("no client updates to aggregate")
+        fit = np.array([u.fitness for u in updates], dtype=np.float64)
+        sigmas = [np.asarray(u.sigmas, dtype=np.float64) for u in updates]
+        with threadpool_limits(1), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pycma warns that told solutions were not sampled by ask()
+            self.es.ask()  # pycma only accepts tell() after ask(); the samples are not used
+            before = sigma_before_tell(self.sigma_rule, fit, sigmas, [u.popsize for u in updates])
+            self.es.sigma = before
+            limit = mahalanobis_clip_threshold(self.d)
+            dist = np.array([self.es.mahalanobis_norm(u.mean - self.es.mean) for u in updates])
+            clipped = int(np.sum(dist > limit))
+            if clipped:
+                log.info(
+                    "%d of %d client means lie beyond Mahalanobis distance %.2f: pycma rescales them onto it",
+                    clipped,
+                    len(updates),
+                    limit,
+                )
+            x = [np.asarray(u.mean, dtype=np.float64) for u in updates]
+            if len(x) < self.k:
+                # pycma needs mu = K points. A missing client is told as the current mean ranked last: it adds
+                # nothing to the mean shift or the rank-mu update, so the round moves on the answers it got.
+                # With --bound the mean itself may lie outside the box (pycma bounds the phenotype), and pycma
+                # refuses told points outside it: use the mean repaired into the box.
+                missing = self.k - len(x)
+                x += [self._mean_in_bounds()] * missing
+                fit = np.concatenate([fit, np.full(missing, fit.max() + 1.0)])
+            self.es.tell(x, fit.tolist())
+            after = float(self.es.sigma)
+            # The server's own sigma is reset before every tell, so only the sent step carries over between rounds.
+            self.es.sigma = sigma_sent(self.sigma_rule, after, before, self.sent_sigma)
+        self.sent_sigma = float(self.es.sigma)
+        return AggregationInfo(
+            before, self.sent_sigma, clipped, {"max_mahalanobis": float(dist.max()), "sigma_after_tell": after}
+        )

@@ -1,0 +1,93 @@
+"""From options to a run config that is ready and checked against this machine, its data and its model.
+
+What would otherwise fail inside every client process (a tokenizer that cannot load, label words that are not
+single tokens, texts that never fit the model) fails here once, as a one-line ConfigError.
+"""
+
+from __future__ import annotations
+
+from fedbpt.errors import ConfigError
+
+
+def prepare_config(config: dict | None = None, preset: str | None = None, **options) -> dict:
+    """The validated run config, with research inputs (tiny-random, planted) built and named by path, and the
+    checkpoint to resume from checked against it."""
+    from fedbpt.core.checkpoint import check_compatible, load
+    from fedbpt.core.config import clients_per_round, make
+
+    cfg = make(config, preset, **options)
+    if cfg["model_name"] == "tiny-random" or cfg["task_name"] == "planted":
+        from fedbpt.research.tiny import materialize
+
+        cfg = materialize(cfg)
+    if cfg["resume"]:
+        check_compatible(load(cfg["resume"]), cfg, min(clients_per_round(cfg), cfg["num_clients"]))
+    return cfg
+
+
+def preflight(cfg: dict) -> None:
+    """``cfg``: a prepared config (:func:`prepare_config`)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from fedbpt.core.config import check_machine, scorer_options
+    from fedbpt.core.data import load_split, site_data
+    from fedbpt.core.models import check_model_folder, model_kind, resolve_model
+    from fedbpt.core.scorer import check_model_source, label_token_ids
+    from fedbpt.core.tasks import get_task
+
+    check_machine(cfg)
+    task = get_task(cfg["task_name"])
+    if task.name == "planted":  # synthetic: built and checked when it was materialized
+        return
+    train = load_split(task, "train", cfg["data_dir"])
+    # the k-shot sample and the split of every site (what site-1's would raise, all would)
+    site1 = site_data(
+        task,
+        None,
+        cfg["k_shot"],
+        cfg["num_clients"],
+        0,
+        cfg["iid"],
+        cfg["alpha_dir"],
+        cfg["seed"],
+        full_train=train,
+        scheme=cfg["partition"],
+    )
+    test = load_split(task, task.test_split, cfg["data_dir"])
+    name = resolve_model(cfg["model_name"])  # smollm2-135m: converted here once, before the clients start
+    check_model_source(name)
+    check_model_folder(name)
+    kind = model_kind(name)
+    if kind == "causal" and task.causal is None:
+        raise ConfigError(
+            f"task {task.name} has no causal-LM template: use a masked LM, or add one in fedbpt/core/tasks.py"
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot load the tokenizer of '{name}' ({str(exc).splitlines()[0][:120]}): pass --model_name with a "
+            f"local model directory, or --model_name tiny-random for an offline smoke run"
+        ) from None
+    words = task.causal.label_words if kind == "causal" else task.label_words
+    label_token_ids(tok, words, scorer_options(cfg, kind)["label_encoding"])  # the clients would refuse the same
+    check_fitting(cfg, task, tok, config, kind, {"train": site1.train, "test": test})
+
+
+def check_fitting(cfg: dict, task, tok, config, kind: str, sets: dict) -> None:
+    """Refuse a run whose every training or test example the scorer would drop as too long."""
+    from fedbpt.core import causal, scorer
+
+    n = cfg["n_prompt_tokens"]
+    for split, examples in sets.items():
+        if kind == "causal":
+            kept = causal.count_fitting(tok, config, task, examples, n)
+            limit = causal.max_length(config)
+        else:
+            kept, limit = scorer.count_fitting(tok, task, examples, n), scorer.MAX_SEQ_LEN
+        if len(examples) and not kept:
+            raise ConfigError(
+                f"every {split} example of site-1 is longer than the model's {limit} positions with a {n}-token "
+                f"prompt: lower --n_prompt_tokens, or use shorter texts"
+            )

@@ -1,0 +1,203 @@
+"""The run record: per-round global metrics from the sites' reports, best-by-dev selection, saved prompts.
+
+Metrics of round r are those of the global prompt the round started from (round 0 is the zero prompt, i.e. the
+manual template alone); sigma and fitness are what round r's aggregation produced. Global metrics are pooled
+from per-site confusion matrices and example counts, so no site reveals its examples.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from fedbpt.core.scorer import metric_from_confusion
+
+SUMMARY_FILE = "fedbpt_summary.json"
+
+
+def pooled(evals: dict, split: str, metric: str) -> tuple[float | None, float | None]:
+    """(metric, example-weighted loss) over all sites that reported ``split``, or (None, None)."""
+    reports = [e for e in evals.values() if f"{split}_confusion" in e]
+    if not reports:
+        return None, None
+    conf = sum(np.asarray(e[f"{split}_confusion"], dtype=np.int64) for e in reports)
+    n = sum(int(e[f"{split}_n"]) for e in reports)
+    loss = sum(float(e[f"{split}_loss"]) * int(e[f"{split}_n"]) for e in reports) / max(n, 1)
+    return metric_from_confusion(conf, metric), loss
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write then rename: a reader never sees a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+class RunSummary:
+    def __init__(self, config: dict, metric: str) -> None:
+        self.config = config
+        self.metric = metric
+        self.rounds: list[dict] = []
+        self.best: dict = {"round": None, "dev_acc": None, "dev_loss": None, "test_acc": None}
+        self.best_z: np.ndarray | None = None
+        self.final: dict | None = None
+        self.final_z: np.ndarray | None = None
+        self.status = "running"
+        self.reason: str | None = None
+
+    def _metrics(self, evals: dict) -> dict:
+        row = {}
+        for split in ("train", "dev", "test"):
+            value, loss = pooled(evals, split, self.metric)
+            row[f"{split}_acc"] = value
+            if split in ("train", "dev"):
+                row[f"{split}_loss"] = loss
+        return row
+
+    def _consider_best(self, row: dict, z: np.ndarray) -> None:
+        """Best by dev metric; at an equal metric the lower dev loss wins (a dev set of a few dozen examples
+        ties often, and the earliest of a tie is usually the untrained start), then the earlier round."""
+        dev = row.get("dev_acc")
+        if dev is None or not np.isfinite(dev):  # no dev example scored: nothing to rank by
+            return
+        loss = row.get("dev_loss")
+        loss = np.inf if loss is None else loss
+        best, best_loss = self.best["dev_acc"], self.best.get("dev_loss")
+        best_loss = np.inf if best_loss is None else best_loss
+        if best is None or dev > best or (dev == best and loss < best_loss):
+            self.best = {
+                "round": row["round"],
+                "dev_acc": dev,
+                "dev_loss": row.get("dev_loss"),
+                "test_acc": row.get("test_acc"),
+            }
+            self.best_z = np.array(z, dtype=np.float64)
+
+    def add_round(self, rnd: int, z: np.ndarray, evals: dict, clients: list[str], **fields) -> dict:
+        row = {"round": rnd, "clients": clients, **self._metrics(evals), **fields}
+        self.rounds.append(row)
+        self._consider_best(row, z)
+        return row
+
+    def add_final(self, rnd: int, z: np.ndarray, evals: dict) -> dict:
+        row = {"round": rnd, **self._metrics(evals)}
+        best_test, _ = pooled(evals, "best_test", self.metric)  # --test_eval end: the best-dev prompt's test score
+        if best_test is not None and self.best["round"] is not None:
+            self.best["test_acc"] = best_test
+        self.final = row
+        self.final_z = np.array(z, dtype=np.float64)
+        self._consider_best(row, z)
+        # train: every site reports it; test: only eval clients, so absent is allowed, empty is not
+        empty = [k for k in ("train_acc", "test_acc") if _empty(row.get(k), required=k == "train_acc")]
+        if empty:
+            self.fail(
+                f"no example was scored for {', '.join(k[:-4] for k in empty)}: every one was dropped (too "
+                "long for the model with the prompt) or no site reported it; see the sites' logs"
+            )
+        else:
+            self.status = "completed"
+        return row
+
+    def fail(self, reason: str) -> None:
+        self.status, self.reason = "failed", reason
+
+    def progress_line(self, row: dict) -> str:
+        def f(v, fmt=".4f"):
+            return "-" if v is None else format(v, fmt)
+
+        total = self.config["num_rounds"]
+        head = f"round {row['round']}/{total}" if row["round"] < total else f"final ({total} rounds)"
+        parts = [
+            head,
+            f"train {self.metric} {f(row.get('train_acc'))} loss {f(row.get('train_loss'))}",
+            f"dev {f(row.get('dev_acc'))}",
+            f"test {f(row.get('test_acc'))}",
+        ]
+        if "sigma" in row:
+            parts += [
+                f"clients {len(row['clients'])}",
+                f"fitness best {f(row['best_fitness'])} median {f(row['median_fitness'])}",
+                f"sigma {f(row['sigma'])}",
+                f"{row['seconds']:.2f}s",
+            ]
+        return " | ".join(parts)
+
+    def to_dict(self) -> dict:
+        meta = {
+            k: self.config[k]
+            for k in ("model_name", "task_name", "seed", "intrinsic_dim", "n_prompt_tokens", "cat_or_add", "sigma")
+        }
+        out = {
+            "status": self.status,
+            "metric": self.metric,
+            "config": self.config,
+            "rounds": self.rounds,
+            "best": dict(self.best),
+            "final": self.final,
+            "prompt": meta,
+        }
+        if self.reason:
+            out["reason"] = self.reason
+        if self.best_z is not None:
+            out["best"]["z"] = "prompt_best.npy"
+        if self.final is not None:
+            out["final"] = dict(self.final, z="prompt_final.npy")
+        return out
+
+    def write(self, out_dir: str) -> str:
+        """Write the prompts, then the summary (each atomically); paths in the summary are relative to it."""
+        os.makedirs(out_dir, exist_ok=True)
+        for name, z in (("prompt_best.npy", self.best_z), ("prompt_final.npy", self.final_z)):
+            if z is not None:
+                atomic_write(os.path.join(out_dir, name), npy_bytes(z))
+        path = os.path.join(out_dir, SUMMARY_FILE)
+        atomic_write(path, strict_json(self.to_dict()).encode())
+        return path
+
+
+def _empty(value, required: bool) -> bool:
+    return (value is None and required) or (value is not None and not np.isfinite(value))
+
+
+def _finite(o):
+    """NaN and infinities become null: JSON has no such numbers, and a strict reader refuses them."""
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return _finite(o.tolist())
+    if isinstance(o, np.generic):
+        o = o.item()
+    if isinstance(o, float) and not np.isfinite(o):
+        return None
+    return o
+
+
+def strict_json(record: dict) -> str:
+    """Indented JSON that any strict parser reads (no NaN, no Infinity)."""
+    return json.dumps(_finite(record), indent=2, allow_nan=False, default=_json_default)
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -1,0 +1,176 @@
+"""Task registry: hub ids, splits, text columns, templates and label words.
+
+A template is a format string over the example's text columns plus ``{mask}``. The prompt placeholders are
+not part of the template: the scorer inserts them right after the start token, so every task gets them in
+the same place (as in BBT and the FedBPT reference). Causal LMs use ``TaskSpec.causal`` instead: a template
+that ends where the label word would follow, and label words that are single space-prefixed tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fedbpt.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class CausalPrompt:
+    """The task as a causal LM sees it: the template ends where the label word would follow (no ``{mask}``).
+
+    Label words are given without their leading space; with label_encoding ``space`` (the causal default) the
+    scorer reads the next-token logits of " word", which must be one token. Causal vocabularies often lack the
+    masked words as single tokens (SmolLM2: " Athlete", " Album"), so the words may differ from ``label_words``.
+    """
+
+    template: str
+    label_words: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    hub_path: str
+    hub_config: str | None
+    test_split: str
+    text_columns: tuple[str, ...]
+    template: str
+    label_words: tuple[str, ...]
+    metric: str = "acc"
+    drop_labels: tuple[int, ...] = field(default_factory=tuple)
+    causal: CausalPrompt | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_words)
+
+
+TASKS: dict[str, TaskSpec] = {
+    "sst2": TaskSpec(
+        "sst2",
+        "nyu-mll/glue",
+        "sst2",
+        "validation",
+        ("sentence",),
+        ". {sentence} . It was {mask} .",
+        ("bad", "great"),
+        causal=CausalPrompt("{sentence} It was", ("bad", "great")),
+    ),
+    "yelp_polarity": TaskSpec(
+        "yelp_polarity",
+        "fancyzhx/yelp_polarity",
+        None,
+        "test",
+        ("text",),
+        ". {text} . It was {mask} .",
+        ("bad", "great"),
+        causal=CausalPrompt("{text} It was", ("bad", "great")),
+    ),
+    "ag_news": TaskSpec(
+        "ag_news",
+        "fancyzhx/ag_news",
+        None,
+        "test",
+        ("text",),
+        ". {mask} News: {text}",
+        ("World", "Sports", "Business", "Tech"),
+        causal=CausalPrompt("Article: {text}\nTopic:", ("World", "Sports", "Business", "Tech")),
+    ),
+    "dbpedia": TaskSpec(
+        "dbpedia",
+        "fancyzhx/dbpedia_14",
+        None,
+        "test",
+        ("content",),
+        "[ Category: {mask} ] {content}",
+        (
+            "Company",
+            "Education",
+            "Artist",
+            "Athlete",
+            "Office",
+            "Transportation",
+            "Building",
+            "Natural",
+            "Village",
+            "Animal",
+            "Plant",
+            "Album",
+            "Film",
+            "Written",
+        ),
+        causal=CausalPrompt(
+            "Article: {content}\nCategory:",
+            (
+                "company",
+                "school",
+                "artist",
+                "athlete",
+                "politician",
+                "transport",
+                "building",
+                "nature",
+                "village",
+                "animal",
+                "plant",
+                "album",
+                "film",
+                "book",
+            ),
+        ),
+    ),
+    "mrpc": TaskSpec(
+        "mrpc",
+        "nyu-mll/glue",
+        "mrpc",
+        "validation",
+        ("sentence1", "sentence2"),
+        ". {sentence1} ? {mask} , {sentence2}",
+        ("No", "Yes"),
+        metric="f1",
+        causal=CausalPrompt(
+            "{sentence1}\n{sentence2}\nQuestion: Do both sentences mean the same thing? Answer:", ("No", "Yes")
+        ),
+    ),
+    "rte": TaskSpec(
+        "rte",
+        "nyu-mll/glue",
+        "rte",
+        "validation",
+        ("sentence1", "sentence2"),
+        ". {sentence1} ? {mask} , {sentence2}",
+        ("Yes", "No"),
+        causal=CausalPrompt('{sentence1}\nQuestion: Does this imply that "{sentence2}"? Answer:', ("Yes", "No")),
+    ),
+    "snli": TaskSpec(
+        "snli",
+        "stanfordnlp/snli",
+        None,
+        "test",
+        ("premise", "hypothesis"),
+        ". {premise} ? {mask} , {hypothesis}",
+        ("Yes", "Maybe", "No"),
+        drop_labels=(-1,),
+        causal=CausalPrompt(
+            '{premise}\nQuestion: Does this imply that "{hypothesis}"? Yes, no, or maybe? Answer:',
+            ("Yes", "Maybe", "No"),
+        ),
+    ),
+    # Synthetic optimisation check (planted.py): fixed-length windows, labels planted by a hidden prompt.
+    "planted": TaskSpec(
+        "planted",
+        "synthetic",
+        None,
+        "test",
+        ("sentence",),
+        "{sentence} It was {mask} .",
+        ("bad", "great"),
+        causal=CausalPrompt("{sentence} It was", ("bad", "great")),
+    ),
+}
+
+
+def get_task(name: str) -> TaskSpec:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ConfigError(f"unknown task '{name}': use --task_name with one of {', '.join(sorted(TASKS))}") from None

@@ -1,0 +1,1 @@
+"""NVFlare glue: the controller, the executor and FedBPTRecipe."""

@@ -1,0 +1,171 @@
+"""NVFlare controller: moves the Federation's messages to the sites and their answers back."""
+
+from __future__ import annotations
+
+import numpy as np
+from nvflare.apis.analytix import AnalyticsDataType
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.impl.controller import Controller, Task
+from nvflare.apis.signal import Signal
+from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
+from nvflare.fuel.utils import fobs
+
+from fedbpt.core.checkpoint import after_round, open_run
+from fedbpt.core.federation import Federation
+from fedbpt.core.wire import ERROR_HEADER, TASK_EVAL, TASK_ROUND, TASK_SETUP
+from fedbpt.errors import CheckpointError, TooFewClients
+
+SCALARS = ("dev_acc", "test_acc", "train_acc", "train_loss", "sigma", "best_fitness")
+
+
+class FedBPTController(Controller):
+    def __init__(self, config: dict, task_check_period: float = 0.05) -> None:
+        super().__init__(task_check_period=task_check_period)
+        self.config = config
+        self.fed: Federation | None = None
+        self.out_dir = ""
+        self.app_config_dir = ""
+        self.lost: set[str] = set()  # sites that missed a deadline: later tasks still go to them, nobody waits
+        self.errors: dict[str, str] = {}  # site -> why it failed the last broadcast (one line)
+
+    def start_controller(self, fl_ctx: FLContext) -> None:
+        workspace = fl_ctx.get_engine().get_workspace()
+        self.out_dir = workspace.get_run_dir(fl_ctx.get_job_id())
+        self.app_config_dir = workspace.get_app_config_dir(fl_ctx.get_job_id())
+
+    def stop_controller(self, fl_ctx: FLContext) -> None:
+        pass
+
+    def process_result_of_unknown_task(self, client, task_name, client_task_id, result, fl_ctx) -> None:
+        self.log_warning(fl_ctx, f"ignored a late result of {task_name} from {client.name}")
+        if client.name in self.lost:  # it is alive and free again: later rounds wait for it
+            self.lost.discard(client.name)
+            self.log_info(fl_ctx, f"{client.name} is back: later rounds wait for it again")
+
+    def _broadcast(
+        self, name: str, msg: dict, targets: list[str], fl_ctx: FLContext, abort_signal: Signal, timeout: int = -1
+    ):
+        """Send ``msg`` to ``targets``; return (site -> payload, bytes sent per site, site -> bytes received).
+
+        Waits for every target except lost ones (which missed an earlier deadline), at most ``timeout`` seconds
+        (default --round_timeout). Byte counts are the FOBS-serialised Shareables, i.e. what NVFlare puts on the
+        wire before framing.
+        """
+        shareable = DXO(data_kind=DataKind.COLLECTION, data=msg).to_shareable()
+        bytes_down = len(fobs.dumps(shareable))
+        timeout = int(self.config["round_timeout"]) if timeout < 0 else timeout
+        task = Task(name=name, data=shareable, timeout=timeout)
+        self.broadcast_and_wait(
+            task,
+            fl_ctx,
+            targets=targets,
+            min_responses=max(1, len([t for t in targets if t not in self.lost])),
+            wait_time_after_min_received=0,
+            abort_signal=abort_signal,
+        )
+        results, bytes_up = {}, {}
+        self.errors = {}
+        answered = {ct.client.name for ct in task.client_tasks if ct.result is not None}
+        for site in sorted(set(targets) - answered - self.lost):
+            self.log_warning(fl_ctx, f"{site} did not answer {name} in time: later rounds will not wait for it")
+            self.errors[site] = "no answer in time"
+        self.lost = (self.lost | set(targets)) - answered
+        for ct in task.client_tasks:
+            site, result = ct.client.name, ct.result
+            if result is None:
+                continue
+            rc = result.get_return_code(ReturnCode.OK)
+            if rc != ReturnCode.OK:
+                why = result.get_header(ERROR_HEADER) or rc
+                self.log_warning(fl_ctx, f"{site} failed {name}: {why}")
+                self.errors[site] = str(why)
+                continue
+            try:
+                results[site] = from_shareable(result).data
+            except Exception as exc:  # not a DXO at all
+                self.log_warning(fl_ctx, f"{site} sent an unreadable result for {name}: {exc}")
+                continue
+            bytes_up[site] = len(fobs.dumps(result))
+        return results, bytes_down, bytes_up
+
+    def _log_scalars(self, fl_ctx: FLContext, step: int, row: dict) -> None:
+        for tag in SCALARS:
+            value = row.get(tag)
+            if value is not None and np.isfinite(value):
+                send_analytic_dxo(
+                    self, create_analytic_dxo(tag, float(value), AnalyticsDataType.SCALAR, global_step=step), fl_ctx
+                )
+
+    def _stop(self, fl_ctx: FLContext, reason: str, panic: bool = True) -> None:
+        """Record why the run stopped (the last checkpoint stays as it is) and end the job."""
+        if self.fed.summary.status == "running":
+            self.fed.summary.fail(reason)
+        path = self.fed.summary.write(self.out_dir)
+        self.log_error(fl_ctx, f"run stopped: {reason}; summary in {path}")
+        if panic:
+            self.system_panic(reason, fl_ctx)
+
+    def control_flow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
+        try:
+            self._control_flow(abort_signal, fl_ctx)
+        except Exception as exc:  # a server-side bug must still leave a summary that says failed
+            self.log_exception(fl_ctx, f"control flow failed: {exc}")
+            if self.fed is not None:
+                self._stop(fl_ctx, f"server error {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            else:
+                self.system_panic(f"server error {type(exc).__name__}: {exc}", fl_ctx)
+
+    def _failed(self, sites) -> str:
+        return ", ".join(f"{s} ({self.errors.get(s, 'no result')})" for s in sorted(sites))
+
+    def _control_flow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
+        sites = [c.name for c in fl_ctx.get_engine().get_clients()]
+        self.fed = fed = Federation(self.config, sites)
+        try:
+            first = open_run(fed, self.config, self.app_config_dir)
+        except CheckpointError as exc:
+            self._stop(fl_ctx, str(exc))
+            return
+        # Sites load data and model before the first round, so --round_timeout measures rounds, not setup.
+        ready, _, _ = self._broadcast(TASK_SETUP, {"setup": 1}, fed.sites, fl_ctx, abort_signal, timeout=0)
+        failed = set(fed.sites) - set(ready)
+        if len(ready) < self.config["min_clients"]:
+            self._stop(
+                fl_ctx,
+                f"{len(ready)} of {len(fed.sites)} sites set up, fewer than --min_clients {self.config['min_clients']}"
+                f" (failed: {self._failed(failed)}; see their logs)",
+            )
+            return
+        if failed:
+            self.log_warning(fl_ctx, f"left out of every round, setup failed: {self._failed(failed)}")
+            fed.drop_sites(failed)
+        for rnd in range(first, self.config["num_rounds"]):
+            if abort_signal.triggered:
+                self._stop(fl_ctx, f"aborted before round {rnd}", panic=False)
+                return
+            targets, msg = fed.start_round(rnd)
+            results, bytes_down, bytes_up = self._broadcast(TASK_ROUND, msg, targets, fl_ctx, abort_signal)
+            if abort_signal.triggered:
+                self._stop(fl_ctx, f"aborted during round {rnd}", panic=False)
+                return
+            try:
+                row = fed.finish_round(rnd, targets, results, bytes_down, bytes_up)
+            except TooFewClients as exc:
+                self._stop(fl_ctx, str(exc))
+                return
+            after_round(fed, rnd, self.out_dir)
+            self.log_info(fl_ctx, fed.summary.progress_line(row))
+            self._log_scalars(fl_ctx, rnd, row)
+        results, _, _ = self._broadcast(TASK_EVAL, fed.final_message(), fed.sites, fl_ctx, abort_signal)
+        row = fed.finish(results)
+        self.log_info(fl_ctx, fed.summary.progress_line(row))
+        self._log_scalars(fl_ctx, self.config["num_rounds"], row)
+        path = fed.summary.write(self.out_dir)
+        best = fed.summary.best
+        self.log_info(
+            fl_ctx,
+            f"summary written to {path}; best round by dev {fed.summary.metric}: {best['round']} "
+            f"(dev {best['dev_acc']}, test {best['test_acc']})",
+        )
