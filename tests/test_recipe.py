@@ -71,3 +71,36 @@ def test_simenv_must_run_the_recipes_number_of_clients(toy_data_dir):
     recipe = FedBPTRecipe(preset=os.path.join(REPO, "configs", "tiny.yaml"), data_dir=toy_data_dir, num_clients=2)
     with pytest.raises(ConfigError, match="SimEnv runs 3 clients, the recipe's num_clients is 2"):
         recipe.run(SimEnv(num_clients=3, workspace_root="/nonexistent/never-created"))
+
+
+POC_SCRIPT = """\
+import json, os, sys
+
+from nvflare.recipe import PocEnv
+
+from fedbpt import FedBPTRecipe
+
+data = sys.argv[1]
+recipe = FedBPTRecipe(preset="configs/tiny.yaml", data_dir=data, num_clients=2, num_rounds=2, k_shot=8, torch_threads=1)
+run = recipe.run(PocEnv(num_clients=2))
+result = run.get_result(timeout=600, clean_up=False)
+with open(os.path.join(result, "workspace", "fedbpt_summary.json")) as f:
+    print(json.dumps({"status": run.get_status(), "summary": json.load(f)["status"]}))
+"""
+
+
+def test_the_recipe_runs_on_a_poc_deployment(toy_data_dir, tmp_path):
+    """PocEnv provisions, starts and stops a local deployment itself (here in a private HOME and POC workspace)."""
+    import psutil
+
+    script = tmp_path / "poc_run.py"
+    script.write_text(POC_SCRIPT)
+    ws = str(tmp_path / "poc")
+    env = dict(os.environ, HOME=str(tmp_path / "home"), NVFLARE_POC_WORKSPACE=ws)
+    out = subprocess.run(
+        [sys.executable, str(script), toy_data_dir], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"status": "FINISHED:COMPLETED", "summary": "completed"}
+    left = [p for p in psutil.process_iter(["cmdline"]) if ws in " ".join(p.info["cmdline"] or [])]
+    assert not left, [p.info["cmdline"] for p in left]
