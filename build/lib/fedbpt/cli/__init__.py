@@ -1,1 +1,0 @@
-"""The command line (job.py, the fedbpt script): guarded simulator runs and exports."""

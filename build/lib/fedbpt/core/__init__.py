@@ -1,1 +1,0 @@
-"""The NVFlare-free core: tasks, data, scorers, search, aggregation, wire format and round logic."""

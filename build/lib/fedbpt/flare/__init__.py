@@ -1,1 +1,0 @@
-"""NVFlare glue: the controller, the executor and FedBPTRecipe."""
