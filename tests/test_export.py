@@ -148,13 +148,22 @@ def test_a_fault_plan_ships_the_fault_injector_and_only_then(tmp_path):
         recipe_export(tmp_path, fault_plan="site-2:x")
 
 
-def test_recipe_options_are_checked_strictly():
+def test_recipe_options_are_checked_strictly(capsys):
     from fedbpt import FedBPTRecipe
 
     with pytest.raises(ConfigError, match=r"unknown options \['num_client'\]"):
         FedBPTRecipe(num_client=3)
-    with pytest.raises(ConfigError, match="--num_rounds"):
-        FedBPTRecipe(num_rounds="many")
+    # messages name the keyword options, as a Python caller wrote them (job.py names its flags)
+    for bad, name in (
+        (dict(num_rounds="many"), "num_rounds"),
+        (dict(num_rounds=0), "num_rounds"),
+        (dict(frac=2.0), "frac"),
+    ):
+        with pytest.raises(ConfigError) as exc:
+            FedBPTRecipe(**bad)
+        assert str(exc.value).startswith(f"{name} ") and "--" not in str(exc.value), exc.value
+    assert job.main(["--num_rounds", "0"]) == 2
+    assert "error: --num_rounds must be at least 1, got 0" in capsys.readouterr().err  # job.py names its flags
     with pytest.raises(ConfigError, match="task_request_interval must be a positive number"):
         FedBPTRecipe(task_request_interval=0)
 

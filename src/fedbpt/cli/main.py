@@ -42,9 +42,11 @@ def check_export_dir(path: str) -> None:
 
 
 def _export(cfg: dict, fault_plan: str | None) -> int:
+    from fedbpt.core.preflight import prepare_config
     from fedbpt.flare.recipe import FedBPTRecipe
 
     check_export_dir(cfg["export_dir"])
+    cfg = prepare_config(cfg)  # here, so that its errors name the flags (the recipe names keyword options)
     recipe = FedBPTRecipe(config=cfg, fault_plan=fault_plan)
     try:
         recipe.export(cfg["export_dir"])

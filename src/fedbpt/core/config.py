@@ -157,6 +157,14 @@ def _flag(key: str) -> str:
     return "--export-dir" if key == "export_dir" else f"--{key}"
 
 
+def with_option_names(message: str) -> str:
+    """A message written for the command line (``--num_rounds must ...``) as a Python caller reads it, naming the
+    keyword options instead (``num_rounds must ...``); other text, e.g. ``job.py --help``, is left alone."""
+    keys = sorted(DEFAULTS, key=len, reverse=True)
+    pattern = re.compile(r"--(" + "|".join(re.escape(_flag(k)[2:]) for k in keys) + r")(?![\w-])")
+    return pattern.sub(lambda m: m.group(1).replace("-", "_"), message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(description="FedBPT (federated black-box prompt tuning) as an NVFlare job.", allow_abbrev=False)
     p.add_argument("--config", default=argparse.SUPPRESS, help=HELP["config"])

@@ -86,9 +86,13 @@ class FedBPTRecipe(Recipe):
             raise ConfigError(
                 f"task_request_interval must be a positive number of seconds, got {task_request_interval}"
             )
+        from fedbpt.core.config import with_option_names
         from fedbpt.core.preflight import prepare_config
 
-        self.config = prepare_config(config, preset, **options)
+        try:
+            self.config = prepare_config(config, preset, **options)
+        except ConfigError as exc:  # the messages name job.py's flags: name the keyword options instead
+            raise ConfigError(with_option_names(str(exc))) from None
         self.fault_plan = fault_plan or None
         self.task_request_interval = task_request_interval
         super().__init__(build_job(self.config, self.fault_plan, task_request_interval))
@@ -115,9 +119,13 @@ class FedBPTRecipe(Recipe):
                 f"SimEnv runs {n} clients, the recipe's num_clients is {self.config['num_clients']}: give both the same"
                 f" number (site-i takes shard i of num_clients)"
             )
+        from fedbpt.core.config import with_option_names
         from fedbpt.core.preflight import preflight
 
-        preflight(self.config)
+        try:
+            preflight(self.config)
+        except ConfigError as exc:
+            raise ConfigError(with_option_names(str(exc))) from None
         with self.simulator_polling():
             return super().run(env, server_exec_params, client_exec_params)
 
