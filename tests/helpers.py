@@ -16,10 +16,3 @@ def make_cfg(base: dict | None = None, **kw) -> dict:
     from fedbpt.core.config import DEFAULTS, validate
 
     return validate({**DEFAULTS, **(base or {}), **kw})
-
-
-def run_cfg(base: dict | None = None, **kw) -> dict:
-    """As :func:`make_cfg`, then prepared as a run prepares it (tiny-random and planted built, named by path)."""
-    from fedbpt.core.preflight import prepare_config
-
-    return prepare_config(make_cfg(base, **kw))

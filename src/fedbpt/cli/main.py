@@ -29,21 +29,9 @@ def protected_folders() -> dict[str, str]:
     return folders
 
 
-def check_export_dir(path: str) -> None:
-    """--export-dir must be a folder or creatable as one (NVFlare replaces only a job folder it made itself)."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"--export-dir {path} is a file: pass a folder (it is created if missing)")
-    parent = path
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--export-dir {path} cannot be created ({parent} is not a writable folder)")
-
-
 def _export(cfg: dict, fault_plan: str | None) -> int:
     from fedbpt.core.preflight import prepare_config
-    from fedbpt.flare.recipe import FedBPTRecipe
+    from fedbpt.flare.recipe import FedBPTRecipe, check_export_dir
 
     check_export_dir(cfg["export_dir"])
     cfg = prepare_config(cfg)  # here, so that its errors name the flags (the recipe names keyword options)

@@ -16,7 +16,7 @@ import numpy as np
 
 from fedbpt.core.config import scorer_options
 from fedbpt.core.data import load_split
-from fedbpt.core.models import model_kind, resolve_model
+from fedbpt.core.models import TINY_NAME, model_kind, resolve_model
 from fedbpt.core.search import LocalObjective, derive_seed, evaluate, local_search, perturb
 from fedbpt.core.site import pick_device, site_settings
 from fedbpt.core.tasks import get_task
@@ -55,7 +55,7 @@ class SiteRuntime:
     def __init__(self, cfg: dict, site: str, cache_root: str) -> None:
         import torch
 
-        if cfg["model_name"] == "tiny-random":  # a research model: built before the run, named by its folder
+        if cfg["model_name"] == TINY_NAME:  # a research model: built before the run, named by its folder
             raise ConfigError("model tiny-random is not built: pass the config through core.preflight.prepare_config")
         self.cfg, self.site = cfg, site
         self.task = get_task(cfg["task_name"])

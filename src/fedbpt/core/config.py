@@ -331,11 +331,8 @@ def load_preset(path: str) -> dict:
 def resolve(argv: list[str] | None = None) -> dict:
     """defaults <- preset <- command line, then validated."""
     args = vars(build_parser().parse_args(argv))
-    cfg = dict(DEFAULTS)
-    if "config" in args:
-        cfg.update(load_preset(args.pop("config")))
-    cfg.update(args)
-    return validate(cfg)
+    preset = args.pop("config", None)
+    return make(args, preset)
 
 
 def make(config: dict | None = None, preset: str | None = None, **options) -> dict:

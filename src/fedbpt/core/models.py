@@ -21,6 +21,8 @@ import zipfile
 
 from fedbpt.errors import ConfigError
 
+TINY_NAME = "tiny-random"  # built by research.tiny before a run, then named by its folder
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_NAME = "smollm2-135m"

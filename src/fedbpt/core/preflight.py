@@ -6,6 +6,8 @@ single tokens, texts that never fit the model) fails here once, as a one-line Co
 
 from __future__ import annotations
 
+from fedbpt.core.models import TINY_NAME
+from fedbpt.core.tasks import PLANTED
 from fedbpt.errors import ConfigError
 
 
@@ -16,7 +18,7 @@ def prepare_config(config: dict | None = None, preset: str | None = None, **opti
     from fedbpt.core.config import clients_per_round, make
 
     cfg = make(config, preset, **options)
-    if cfg["model_name"] == "tiny-random" or cfg["task_name"] == "planted":
+    if cfg["model_name"] == TINY_NAME or cfg["task_name"] == PLANTED:
         from fedbpt.research.tiny import materialize
 
         cfg = materialize(cfg)
@@ -37,7 +39,7 @@ def preflight(cfg: dict) -> None:
 
     check_machine(cfg)
     task = get_task(cfg["task_name"])
-    if task.name == "planted":  # synthetic: built and checked when it was materialized
+    if task.name == PLANTED:  # synthetic: built and checked when it was materialized
         return
     train = load_split(task, "train", cfg["data_dir"])
     # the k-shot sample and the split of every site (what site-1's would raise, all would)

@@ -44,6 +44,8 @@ class TaskSpec:
         return len(self.label_words)
 
 
+PLANTED = "planted"  # the synthetic task; research.planted builds its data and model
+
 TASKS: dict[str, TaskSpec] = {
     "sst2": TaskSpec(
         "sst2",
@@ -156,8 +158,8 @@ TASKS: dict[str, TaskSpec] = {
         ),
     ),
     # Synthetic optimisation check (planted.py): fixed-length windows, labels planted by a hidden prompt.
-    "planted": TaskSpec(
-        "planted",
+    PLANTED: TaskSpec(
+        PLANTED,
         "synthetic",
         None,
         "test",

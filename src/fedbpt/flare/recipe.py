@@ -28,6 +28,18 @@ SIMULATOR_POLL_SECONDS = 0.05
 INLINE_ARRAYS = {"np_download_chunk_size": 0}
 
 
+def check_export_dir(path: str) -> None:
+    """--export-dir must be a folder or creatable as one (NVFlare replaces only a job folder it made itself)."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--export-dir {path} is a file: pass a folder (it is created if missing)")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--export-dir {path} cannot be created ({parent} is not a writable folder)")
+
+
 def build_job(cfg: dict, fault_plan: str | None = None, task_request_interval: float | None = None):
     """The FedJob: our controller and TensorBoard receiver on the server, our executor on every client."""
     from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
@@ -59,6 +71,17 @@ def build_job(cfg: dict, fault_plan: str | None = None, task_request_interval: f
     return job
 
 
+@contextlib.contextmanager
+def _keyword_names():
+    """ConfigErrors inside name the keyword options (``num_rounds ...``) rather than job.py's flags."""
+    from fedbpt.core.config import with_option_names
+
+    try:
+        yield
+    except ConfigError as exc:
+        raise ConfigError(with_option_names(str(exc))) from None
+
+
 class FedBPTRecipe(Recipe):
     """FedBPT's job for any NVFlare environment.
 
@@ -86,13 +109,10 @@ class FedBPTRecipe(Recipe):
             raise ConfigError(
                 f"task_request_interval must be a positive number of seconds, got {task_request_interval}"
             )
-        from fedbpt.core.config import with_option_names
         from fedbpt.core.preflight import prepare_config
 
-        try:
+        with _keyword_names():
             self.config = prepare_config(config, preset, **options)
-        except ConfigError as exc:  # the messages name job.py's flags: name the keyword options instead
-            raise ConfigError(with_option_names(str(exc))) from None
         self.fault_plan = fault_plan or None
         self.task_request_interval = task_request_interval
         super().__init__(build_job(self.config, self.fault_plan, task_request_interval))
@@ -119,19 +139,15 @@ class FedBPTRecipe(Recipe):
                 f"SimEnv runs {n} clients, the recipe's num_clients is {self.config['num_clients']}: give both the same"
                 f" number (site-i takes shard i of num_clients)"
             )
-        from fedbpt.core.config import with_option_names
         from fedbpt.core.preflight import preflight
 
-        try:
+        with _keyword_names():
             preflight(self.config)
-        except ConfigError as exc:
-            raise ConfigError(with_option_names(str(exc))) from None
         with self.simulator_polling():
             return super().run(env, server_exec_params, client_exec_params)
 
     def export(self, job_dir: str, server_exec_params=None, client_exec_params=None, env: ExecEnv | None = None):
         """The job folder ``job_dir/<job_name>`` for ``nvflare job submit``, polling as deployed (see module doc)."""
-        path = os.path.abspath(os.path.expanduser(job_dir))
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise ConfigError(f"export folder {path} is a file: pass a folder (it is created if missing)")
+        with _keyword_names():
+            check_export_dir(job_dir)
         super().export(job_dir, server_exec_params, client_exec_params, env)

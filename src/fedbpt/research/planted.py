@@ -43,10 +43,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedbpt.core.config import scorer_options
-from fedbpt.core.tasks import get_task
+from fedbpt.core.models import TINY_NAME
+from fedbpt.core.tasks import PLANTED, get_task
 from fedbpt.errors import ConfigError
 
-PLANTED = "planted"
 BUNDLE_VERSION = 2  # 2: tiny tokenizer with bare and spaced label words, label_encoding in the key
 WINDOW_TOKENS = 16
 POOL_WINDOWS = 1200  # k-shot train + dev are drawn from these
@@ -202,7 +202,7 @@ def _scorer(cfg: dict, model_dir: str):
 
 def ensure_bundle(cfg: dict, cache_root: str) -> Bundle:
     """Build the planted task for this config once (deterministic, atomic); later calls read it back."""
-    if cfg["model_name"] != "tiny-random":
+    if cfg["model_name"] != TINY_NAME:
         raise ConfigError("--task_name planted builds its own model: use --model_name tiny-random")
     texts = source_texts(cfg["data_dir"], cfg["seed"])
     root = os.path.join(cfg.get("model_cache_dir") or cache_root, f"planted-{bundle_key(cfg, texts)}")

@@ -19,9 +19,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from fedbpt.core.models import TINY_NAME
 from fedbpt.errors import ConfigError
 
-TINY_NAME = "tiny-random"
 TINY_DEFAULTS = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 TINY_VERSION = 2  # 2: label words boosted without a leading space too (a cached version-1 model lacks them)
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -114,9 +114,10 @@ def materialize(cfg: dict) -> dict:
     else is returned unchanged.
     """
     from fedbpt.core.models import model_cache_dir
+    from fedbpt.core.tasks import PLANTED
 
     cache = cfg["model_cache_dir"] or model_cache_dir()
-    if cfg["task_name"] == "planted":
+    if cfg["task_name"] == PLANTED:
         from fedbpt.research.planted import ensure_bundle
 
         if cfg["model_name"] != TINY_NAME and not _is_bundle(cfg):
