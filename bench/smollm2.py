@@ -2,8 +2,9 @@
 
     python -m bench.smollm2            # FedBPT and FedAvg-BBT x IID and Dir(1.0) x seeds 1-3, plus central BBT and
                                        # FedBPT without Eq. 7 on IID seed 1
-    python -m bench.smollm2 --quick    # seed 1, IID: FedBPT and FedAvg-BBT, 4 rounds
+    python -m bench.smollm2 --quick    # seed 1, IID: FedBPT and FedAvg-BBT, 3 rounds (about 16 minutes)
     python -m bench.smollm2 --report_only
+    python -m bench.smollm2 --seeds 2 --splits IID --no-extras --k_shot 16 --rounds 8 --name smollm2_long
 
 Defaults: 4 clients, 6 rounds, k_shot 10 per class (20 train and 20 dev sentences in all), n = 5, d = 500.
 
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 
@@ -63,10 +65,8 @@ def run_config(args, seed: int, split: str, method: str) -> dict:
 
 
 def jobs_for(args) -> list[tuple[int, str, str]]:
-    seeds = [1] if args.quick else list(range(1, args.seeds + 1))
-    splits = ["IID"] if args.quick else list(SPLITS)
-    jobs = [(s, sp, m) for s in seeds for sp in splits for m in MAIN]
-    if not args.quick:
+    jobs = [(s, sp, m) for s in range(1, args.seeds + 1) for sp in args.splits for m in MAIN]
+    if args.extras:
         jobs += [(1, "IID", m) for m in EXTRA]
     return jobs
 
@@ -297,12 +297,19 @@ def report(data: dict, args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=None, help="federated rounds (default 6; --quick: 4)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds 1..N (default 3; --quick: 1)")
+    p.add_argument("--splits", nargs="+", choices=list(SPLITS), default=None, help="default both; --quick: IID")
+    p.add_argument(
+        "--extras",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="central BBT and FedBPT without Eq. 7 on IID seed 1 (default on; --quick: off)",
+    )
+    p.add_argument("--rounds", type=int, default=None, help="federated rounds (default 6; --quick: 3)")
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--k_shot", type=int, default=10, help="examples per class in train (and again in dev)")
     p.add_argument("--n_prompt_tokens", type=int, default=5)
-    p.add_argument("--quick", action="store_true", help="seed 1, IID, FedBPT and FedAvg-BBT")
+    p.add_argument("--quick", action="store_true", help="seed 1, IID, FedBPT and FedAvg-BBT, 3 rounds")
     p.add_argument("--workers", type=int, default=2, help="processes, one torch thread each")
     p.add_argument("--fresh", action="store_true", help="ignore saved runs and start the matrix over")
     default_data = os.path.join(ROOT, "..", "shared", "data", "sst2")
@@ -310,11 +317,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default="/tmp/fedbpt-bench-cache")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--figs", default=os.path.join(ROOT, "figs"))
+    p.add_argument("--name", default=None, help="results stem under --out and --figs (default smollm2[_quick])")
     p.add_argument("--report_only", action="store_true")
     args = p.parse_args(argv)
-    args.name = "smollm2_quick" if args.quick else "smollm2"
-    if args.rounds is None:
-        args.rounds = 4 if args.quick else 6
+    for key, full, quick in (("name", "smollm2", "smollm2_quick"), ("rounds", 6, 3), ("seeds", 3, 1)):
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else full)
+    if args.splits is None:
+        args.splits = ["IID"] if args.quick else list(SPLITS)
+    args.splits = [s for s in SPLITS if s in args.splits]
+    if args.extras is None:
+        args.extras = not args.quick
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name):
+        print(f"error: --name {args.name!r} must be a plain file stem (letters, digits, _ . -)", file=sys.stderr)
+        return 2
     path = os.path.join(args.out, f"{args.name}_runs.json")
     if args.report_only:
         data = _load(path)
@@ -334,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     from fedbpt.core.models import resolve_model
 
     resolve_model("smollm2-135m")  # converted once here, not in every worker
-    settings = {k: getattr(args, k) for k in ("seeds", "rounds", "clients", "k_shot", "n_prompt_tokens", "quick")}
+    keys = ("seeds", "rounds", "clients", "k_shot", "n_prompt_tokens", "splits", "extras")
+    settings = {k: getattr(args, k) for k in keys}
     data = None if args.fresh else _load(path)
     if data is not None and data["args"] != settings:
         print(

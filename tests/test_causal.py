@@ -119,7 +119,8 @@ def test_kv_cache_with_small_passes(tiny):
 @pytest.mark.parametrize("cached", [True, False])
 def test_padded_equals_unpadded(tiny, cached):
     """Right padding without an attention mask: each example alone (no padding) gives the batched logits."""
-    sc = scorer(tiny(), kv_cache=cached)
+    sc = scorer(tiny())
+    sc.kv_cache = cached
     ex = sst2_examples(9, seed=4)
     enc = sc.encode(ex)
     assert len(set(enc.lengths.tolist())) > 3  # the batch really is padded

@@ -108,6 +108,38 @@ def test_exported_job_polls_at_the_deployment_interval(tmp_path):
     assert "task_request_interval" not in json.dumps(server)
 
 
+def test_simenv_shares_the_cores_among_the_client_processes(toy_data_dir, tmp_path, monkeypatch):
+    """torch_threads 0: in SimEnv each of the N client processes gets cores // N torch threads (torch alone would
+    give every process all of them); a deployed job keeps 0 (one site per machine: torch's default)."""
+    from nvflare.recipe import SimEnv
+    from nvflare.recipe.spec import Recipe
+
+    from fedbpt import FedBPTRecipe
+
+    def threads_of(job_dir: str) -> int:
+        (ex,) = configs(job_dir)[2]["executors"]
+        return ex["executor"]["args"]["config"]["torch_threads"]
+
+    runs = []
+
+    def run_writes_the_job(self, env, server_exec_params=None, client_exec_params=None):
+        out = tmp_path / f"sim{len(runs)}"
+        self.job.export_job(str(out))
+        runs.append(threads_of(str(out / "fedbpt")))
+
+    monkeypatch.setattr(Recipe, "run", run_writes_the_job)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    recipe = FedBPTRecipe(preset="configs/tiny.yaml", data_dir=toy_data_dir, num_clients=2, num_rounds=1)
+    recipe.run(SimEnv(num_clients=2))
+    recipe.run(SimEnv(num_clients=2, num_threads=1))
+    FedBPTRecipe(preset="configs/tiny.yaml", data_dir=toy_data_dir, num_clients=2, torch_threads=3).run(
+        SimEnv(num_clients=2)
+    )
+    assert runs == [4, 8, 3]
+    recipe.export(str(tmp_path / "deployed"))
+    assert threads_of(str(tmp_path / "deployed" / "fedbpt")) == 0
+
+
 def test_exported_custom_code_is_complete_and_holds_no_research_code(tmp_path):
     job_dir = export(tmp_path)
     custom = os.path.join(job_dir, "app", "custom")

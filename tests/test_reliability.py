@@ -132,6 +132,7 @@ def test_a_run_killed_before_its_summary_gets_a_failed_one_with_the_resume_comma
     run_dir.mkdir(parents=True)
     (run_dir / "fedbpt_checkpoint.npz").write_bytes(b"checkpoint of round 3")
     monkeypatch.setattr(simulate, "_rounds_done", lambda path: 3 if path == str(ws / "fedbpt_checkpoint.npz") else 0)
+    monkeypatch.setattr(sys, "argv", [JOB])
     argv = ["--config", "configs/tiny.yaml", "--resume", "old.npz", "--workspace", str(ws)]
     record = simulate.finish_summary(str(ws), argv, None, "interrupted by SIGTERM")
     on_disk = strict_load(str(ws / SUMMARY_FILE))
@@ -149,8 +150,16 @@ def test_a_run_killed_before_any_checkpoint_points_at_the_one_it_resumed_from(tm
     (ws / "nvflare").mkdir(parents=True)
     start = str(tmp_path / "start.npz")
     monkeypatch.setattr(simulate, "_rounds_done", lambda path: 2 if path == start else 0)
+    script = tmp_path / "bin" / "fedbpt"  # the console script: its resume command names it, not job.py
+    script.parent.mkdir()
+    script.write_text("#!/usr/bin/env python\n")
+    monkeypatch.setattr(sys, "argv", [str(script)])
     record = simulate.finish_summary(str(ws), ["--resume", start], start, "interrupted by SIGINT")
-    assert record["rounds_done"] == 2 and record["resume"].endswith(f"job.py --resume {start}")
+    assert record["rounds_done"] == 2 and record["resume"] == f"{script} --resume {start}"
+    from fedbpt.cli import main
+
+    monkeypatch.setattr(sys, "argv", [main.__file__])  # python -m fedbpt.cli.main
+    assert simulate.resume_command([], start) == f"{sys.executable} -m fedbpt.cli.main --resume {start}"
     record = simulate.finish_summary(str(ws), [], None, "interrupted by SIGINT")
     assert record["rounds_done"] == 0 and record["resume"] is None
 

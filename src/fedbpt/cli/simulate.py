@@ -83,7 +83,19 @@ def resume_command(argv: list[str], checkpoint: str) -> str:
         if a.startswith("--resume="):
             continue
         args.append(a)
-    return shlex.join([sys.executable, "job.py", *args, "--resume", checkpoint])
+    return shlex.join([*invoked_as(), *args, "--resume", checkpoint])
+
+
+def invoked_as() -> list[str]:
+    """The program part of this process's command line: ``python job.py``, the ``fedbpt`` script, or ``python -m``."""
+    from fedbpt.cli import main
+
+    prog = sys.argv[0] if sys.argv else ""
+    if not os.path.isfile(prog):  # python -c, an embedding host: the job script is what users run
+        return [sys.executable, "job.py"]
+    if os.path.samefile(prog, main.__file__):
+        return [sys.executable, "-m", "fedbpt.cli.main"]
+    return [sys.executable, prog] if prog.endswith(".py") else [prog]
 
 
 def _rounds_done(checkpoint: str | None) -> int:

@@ -91,52 +91,26 @@ class CausalScorer(PromptScorer):
     ``cat_or_add``: cat puts P in front of the text (the paper's causal form); add adds P to the embeddings of n
     placeholder tokens (ids 1000.. as the masked scorer's) in the same place. ``label_encoding``: space (default
     here) scores " word", which must be one token; bare scores the first token of the word without a space.
-    ``kv_cache`` False scores every example with its full prefix (the reference path for tests and benchmarks).
     """
 
     load = staticmethod(load_causal_model)
+    default_mode = "cat"
+    default_label_encoding = "space"
+    kv_cache = True  # False: every row carries [start] P itself (the reference path for tests and benchmarks)
 
-    def __init__(
-        self,
-        model_path: str,
-        task: TaskSpec,
-        n_prompt_tokens: int = 50,
-        intrinsic_dim: int = 500,
-        cat_or_add: str = "cat",
-        seed: int = 1234,
-        sigma: float = 1.0,
-        device: str = "cpu",
-        precision: str = "fp32",
-        max_batch_tokens: int = 32768,
-        attn_implementation: str = "sdpa",
-        label_encoding: str = "space",
-        kv_cache: bool = True,
-    ) -> None:
+    def check_task(self, task: TaskSpec) -> None:
         if task.causal is None:
             raise ConfigError(
                 f"task {task.name} has no causal template (TaskSpec.causal): add one in fedbpt/core/tasks.py"
             )
-        # A as the masked scorer builds it; std_hat over the word-embedding matrix (Llama has no position
-        # embeddings; GPT-2's are not part of it either).
-        super().__init__(
-            model_path,
-            task,
-            n_prompt_tokens,
-            intrinsic_dim,
-            cat_or_add,
-            seed,
-            sigma,
-            device,
-            precision,
-            max_batch_tokens,
-            attn_implementation,
-            label_encoding,
-        )
-        self.template = task.causal.template
-        self.kv_cache = kv_cache
+
+    def build(self) -> None:
+        # A is the masked scorer's; std_hat over the word-embedding matrix (Llama has no position embeddings;
+        # GPT-2's are not part of it either).
+        self.template = self.task.causal.template
         tok = self.tokenizer
         self.start_id = start_token_id(tok)
-        self.prefix_len = (self.start_id is not None) + n_prompt_tokens
+        self.prefix_len = (self.start_id is not None) + self.n_prompt
         self.pad_id = next(i for i in (tok.pad_token_id, self.start_id, 0) if i is not None)
         self.max_len = max_length(self.model.config)
 
@@ -147,7 +121,7 @@ class CausalScorer(PromptScorer):
         self.label_head = self._label_head()
         self.kv_bytes_per_token = self._probe()
         kv_cap = KV_BUDGET_BYTES.get(self.device.type, KV_BUDGET_BYTES["cuda"]) // max(1, self.kv_bytes_per_token)
-        self.pass_tokens = int(max(1, min(max_batch_tokens, kv_cap)))
+        self.pass_tokens = int(max(1, min(self.max_batch_tokens, kv_cap)))
 
     def label_words(self) -> tuple[str, ...]:
         return self.task.causal.label_words

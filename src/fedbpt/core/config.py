@@ -124,7 +124,7 @@ HELP = {
     "attn_implementation": "attention kernel of the model (transformers' attn_implementation): sdpa, or eager for "
     "models without SDPA support; eager is faster on small CPU passes of tiny models (bench.learning uses it)",
     "round_timeout": "seconds a round waits for clients (0: no limit); site setup before round 0 is not counted",
-    "torch_threads": "torch threads per client process (0: the simulator shares the cores among --threads)",
+    "torch_threads": "torch threads per client process (0: simulated clients share the cores; deployed: torch default)",
     "model_cache_dir": "where tiny-random models and planted bundles are built, once, before the job (default: "
     "$FEDBPT_MODEL_CACHE or ~/.cache/fedbpt/models); the job names the built folder",
     "checkpoint_every": "write the server checkpoint every N rounds (and after the last); 0: never",

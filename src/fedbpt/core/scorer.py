@@ -229,24 +229,29 @@ class PromptScorer:
     """
 
     load = staticmethod(load_model)  # (model_path, device, attn_implementation) -> (tokenizer, frozen model)
+    default_mode = "add"  # cat_or_add when None
+    default_label_encoding = "bare"  # label_encoding when None
 
     def __init__(
         self,
         model_path: str,
         task: TaskSpec,
-        n_prompt_tokens: int,
-        intrinsic_dim: int,
-        cat_or_add: str,
-        seed: int,
-        sigma: float,
-        device: str,
-        precision: str,
-        max_batch_tokens: int,
-        attn_implementation: str,
-        label_encoding: str,
+        n_prompt_tokens: int = 50,
+        intrinsic_dim: int = 500,
+        cat_or_add: str | None = None,
+        seed: int = 1234,
+        sigma: float = 1.0,
+        device: str = "cpu",
+        precision: str = "fp32",
+        max_batch_tokens: int = 32768,
+        attn_implementation: str = "sdpa",
+        label_encoding: str | None = None,
     ) -> None:
         import torch
 
+        self.check_task(task)
+        cat_or_add = cat_or_add or self.default_mode
+        label_encoding = label_encoding or self.default_label_encoding
         if cat_or_add not in ("add", "cat"):
             raise ConfigError(f"unknown --cat_or_add {cat_or_add}: use add or cat")
         self.torch = torch
@@ -284,6 +289,13 @@ class PromptScorer:
         self.A_t = projection(
             n_prompt_tokens, self.hidden, intrinsic_dim, self.proj_std, seed, self.device, (model_path, str(device))
         )
+        self.build()
+
+    def build(self) -> None:
+        """The subclass's own setup, once the shared part above is done."""
+
+    def check_task(self, task: TaskSpec) -> None:
+        """Refuse a task this scorer has no prompt for (before the model loads)."""
 
     def label_words(self) -> tuple[str, ...]:
         return self.task.label_words
@@ -308,38 +320,10 @@ class PromptScorer:
 class Scorer(PromptScorer):
     """Scores candidate z vectors on encoded examples through a frozen masked LM."""
 
-    def __init__(
-        self,
-        model_path: str,
-        task: TaskSpec,
-        n_prompt_tokens: int = 50,
-        intrinsic_dim: int = 500,
-        cat_or_add: str = "add",
-        seed: int = 1234,
-        sigma: float = 1.0,
-        device: str = "cpu",
-        precision: str = "fp32",
-        max_batch_tokens: int = 32768,
-        attn_implementation: str = "sdpa",
-        label_encoding: str = "bare",
-    ) -> None:
-        super().__init__(
-            model_path,
-            task,
-            n_prompt_tokens,
-            intrinsic_dim,
-            cat_or_add,
-            seed,
-            sigma,
-            device,
-            precision,
-            max_batch_tokens,
-            attn_implementation,
-            label_encoding,
-        )
+    def build(self) -> None:
         torch = self.torch
         # rows the model sees beyond the ids: cat puts the n prompt rows in front of the embedding output
-        self.extra_rows = n_prompt_tokens if cat_or_add == "cat" else 0
+        self.extra_rows = self.n_prompt if self.mode == "cat" else 0
         self.embeddings_module = self._parent_of(self.embed)
 
         # BBT: the LM head's output bias is zero. Keep the full decoder for reference checks; score with a

@@ -40,8 +40,17 @@ def check_export_dir(path: str) -> None:
         raise ConfigError(f"--export-dir {path} cannot be created ({parent} is not a writable folder)")
 
 
-def build_job(cfg: dict, fault_plan: str | None = None, task_request_interval: float | None = None):
-    """The FedJob: our controller and TensorBoard receiver on the server, our executor on every client."""
+def build_job(
+    cfg: dict,
+    fault_plan: str | None = None,
+    task_request_interval: float | None = None,
+    run_cfg: dict | None = None,
+):
+    """The FedJob: our controller and TensorBoard receiver on the server, our executor on every client.
+
+    ``run_cfg``: the dict the components hold (default ``run_config(cfg)``); NVFlare reads it when it writes the
+    job, so a caller that keeps it can still change a value before then.
+    """
     from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
     from nvflare.job_config.api import FedJob
 
@@ -50,7 +59,7 @@ def build_job(cfg: dict, fault_plan: str | None = None, task_request_interval: f
     from fedbpt.core.wire import TASKS
     from fedbpt.flare.controller import FedBPTController
 
-    run_cfg = run_config(cfg)
+    run_cfg = run_config(cfg) if run_cfg is None else run_cfg
     job = FedJob(name=cfg["job_name"], min_clients=cfg["min_clients"])
     attach_to_job(job, cfg, run_cfg)
     job.to_server(FedBPTController(config=run_cfg), id="fedbpt_controller")
@@ -115,7 +124,10 @@ class FedBPTRecipe(Recipe):
             self.config = prepare_config(config, preset, **options)
         self.fault_plan = fault_plan or None
         self.task_request_interval = task_request_interval
-        super().__init__(build_job(self.config, self.fault_plan, task_request_interval))
+        from fedbpt.core.config import run_config
+
+        self._run_cfg = run_config(self.config)
+        super().__init__(build_job(self.config, self.fault_plan, task_request_interval, self._run_cfg))
 
     @property
     def job(self):
@@ -143,8 +155,21 @@ class FedBPTRecipe(Recipe):
 
         with _keyword_names():
             preflight(self.config)
-        with self.simulator_polling():
+        with self._sharing_cores(env.num_threads or n), self.simulator_polling():
             return super().run(env, server_exec_params, client_exec_params)
+
+    @contextlib.contextmanager
+    def _sharing_cores(self, processes: int):
+        """torch_threads 0 in SimEnv: the client processes share this machine's cores. Left to torch, every process
+        takes all of them, and N processes spin-waiting on each other's threads run several times slower."""
+        if self.config["torch_threads"]:
+            yield
+            return
+        self._run_cfg["torch_threads"] = max(1, (os.cpu_count() or 1) // max(1, processes))
+        try:
+            yield
+        finally:
+            self._run_cfg["torch_threads"] = 0
 
     def export(self, job_dir: str, server_exec_params=None, client_exec_params=None, env: ExecEnv | None = None):
         """The job folder ``job_dir/<job_name>`` for ``nvflare job submit``, polling as deployed (see module doc)."""
