@@ -2,9 +2,9 @@
 
     python -m bench.smollm2            # FedBPT and FedAvg-BBT x IID and Dir(1.0) x seeds 1-3, plus central BBT and
                                        # FedBPT without Eq. 7 on IID seed 1
-    python -m bench.smollm2 --quick    # seed 1, IID: FedBPT and FedAvg-BBT, 3 rounds (about 16 minutes)
+    python -m bench.smollm2 --quick    # seed 1, IID: FedBPT and FedAvg-BBT, 3 rounds (8 minutes, quiet machine)
     python -m bench.smollm2 --report_only
-    python -m bench.smollm2 --seeds 2 --splits IID --no-extras --k_shot 16 --rounds 8 --name smollm2_long
+    python -m bench.smollm2 --splits IID --k_shot 16 --rounds 8 --name smollm2_long   # more shots and rounds, IID
 
 Defaults: 4 clients, 6 rounds, k_shot 10 per class (20 train and 20 dev sentences in all), n = 5, d = 500.
 
@@ -13,7 +13,8 @@ test set is the 872 SST-2 validation sentences, scored once per run for the fina
 (--test_eval end). References on the same 872: the template with no prompt at all, z = 0 (n zero prompt rows),
 and the no-prompt logit difference cut at the threshold that is best on the seed's k-shot train + dev pool (what
 a prompt that only shifts the label bias could reach). Runs are saved as they finish
-(bench/results/smollm2_runs.json) and a rerun resumes the matrix; --fresh starts over.
+(bench/results/smollm2_runs.json) and a rerun resumes the matrix, also with more seeds, splits or the extras;
+--fresh starts over.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ METHODS = {
     "central BBT": {"aggregation": "fedavg", "perturb": False, "cov_mode": "none", "num_clients": 1, "iid": True},
 }
 MAIN = ("FedBPT", "FedAvg-BBT")
+RUN_SETTINGS = ("rounds", "clients", "k_shot", "n_prompt_tokens")  # what a saved run was run with
+MATRIX_SHAPE = ("seeds", "splits", "extras")  # which runs the matrix holds: a resumed one may grow
 EXTRA = ("central BBT", "FedBPT, no Eq. 7")  # IID, seed 1 only
 
 
@@ -350,16 +353,16 @@ def main(argv: list[str] | None = None) -> int:
     from fedbpt.core.models import resolve_model
 
     resolve_model("smollm2-135m")  # converted once here, not in every worker
-    keys = ("seeds", "rounds", "clients", "k_shot", "n_prompt_tokens", "splits", "extras")
-    settings = {k: getattr(args, k) for k in keys}
+    settings = {k: getattr(args, k) for k in RUN_SETTINGS + MATRIX_SHAPE}
     data = None if args.fresh else _load(path)
-    if data is not None and data["args"] != settings:
+    if data is not None and any(data["args"][k] != settings[k] for k in RUN_SETTINGS):
         print(
             f"error: {path} holds runs with other settings {data['args']}: pass --fresh to start over", file=sys.stderr
         )
         return 2
     if data is None:
         data = {"args": settings, "machine": machine(), "load_start": load(), "references": {}, "records": []}
+    data["args"] = settings  # more seeds, splits or the extras: the saved runs stay and the rest are added
     t0 = time.time() - data.get("wall_seconds", 0.0)
     jobs = jobs_for(args)
     seeds = sorted({s for s, _, _ in jobs})
