@@ -64,12 +64,12 @@ def main(argv: list[str] | None = None) -> int:
             return _export(cfg, fault_plan)
         from fedbpt.cli import workspace
         from fedbpt.core.preflight import preflight, prepare_config
-        from fedbpt.flare.recipe import FedBPTRecipe
+        from fedbpt.flare.recipe import FedBPTRecipe, simulated_torch_threads
 
         workspace.check(cfg["workspace"], protected_folders())
         cfg["workspace"] = os.path.abspath(os.path.expanduser(cfg["workspace"]))
         if not cfg["torch_threads"]:
-            cfg["torch_threads"] = max(1, (os.cpu_count() or 1) // cfg["threads"])
+            cfg["torch_threads"] = simulated_torch_threads(cfg["threads"])
         cfg = prepare_config(cfg)
         preflight(cfg)
         cfg["resume"], notes = workspace.prepare(cfg["workspace"], cfg["resume"])

@@ -105,8 +105,6 @@ class CausalScorer(PromptScorer):
             )
 
     def build(self) -> None:
-        # A is the masked scorer's; std_hat over the word-embedding matrix (Llama has no position embeddings;
-        # GPT-2's are not part of it either).
         self.template = self.task.causal.template
         tok = self.tokenizer
         self.start_id = start_token_id(tok)

@@ -283,7 +283,8 @@ class PromptScorer:
             max(PASS_OVERHEAD_TOKENS.get(self.device.type, 4096), PASS_OVERHEAD_FLOP / max(1, 2 * weights))
         )
         # Projection A, (n*h) x d, N(0, std) with std = std_hat / (sqrt(d) * sigma), std_hat over the word-embedding
-        # matrix: the same on every site. Kept as A^T (d, n*h): z @ A^T is one matmul per generation.
+        # matrix (causal LMs too: Llama has no position embeddings, GPT-2's are not in it): the same on every site.
+        # Kept as A^T (d, n*h): z @ A^T is one matmul per generation.
         std_hat = float(self.embed.weight.detach().float().std())
         self.proj_std = std_hat / (np.sqrt(intrinsic_dim) * sigma)
         self.A_t = projection(

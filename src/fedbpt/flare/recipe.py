@@ -40,6 +40,12 @@ def check_export_dir(path: str) -> None:
         raise ConfigError(f"--export-dir {path} cannot be created ({parent} is not a writable folder)")
 
 
+def simulated_torch_threads(processes: int) -> int:
+    """Torch threads for each of ``processes`` simulated clients on this machine: the cores shared out. Left to
+    torch, every process takes all of them, and N processes spin-waiting on each other run several times slower."""
+    return max(1, (os.cpu_count() or 1) // max(1, processes))
+
+
 def build_job(
     cfg: dict,
     fault_plan: str | None = None,
@@ -160,12 +166,11 @@ class FedBPTRecipe(Recipe):
 
     @contextlib.contextmanager
     def _sharing_cores(self, processes: int):
-        """torch_threads 0 in SimEnv: the client processes share this machine's cores. Left to torch, every process
-        takes all of them, and N processes spin-waiting on each other's threads run several times slower."""
+        """torch_threads 0 in SimEnv: the client processes share this machine's cores (simulated_torch_threads)."""
         if self.config["torch_threads"]:
             yield
             return
-        self._run_cfg["torch_threads"] = max(1, (os.cpu_count() or 1) // max(1, processes))
+        self._run_cfg["torch_threads"] = simulated_torch_threads(processes)
         try:
             yield
         finally:
