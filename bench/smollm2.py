@@ -40,8 +40,9 @@ METHODS = {
 }
 MAIN = ("FedBPT", "FedAvg-BBT")
 RUN_SETTINGS = ("rounds", "clients", "k_shot", "n_prompt_tokens")  # what a saved run was run with
-MATRIX_SHAPE = ("seeds", "splits", "extras")  # which runs the matrix holds: a resumed one may grow
-EXTRA = ("central BBT", "FedBPT, no Eq. 7")  # IID, seed 1 only
+MATRIX_SHAPE = ("seeds", "splits", "extras", "extra_seeds")  # which runs the matrix holds: a resumed one may grow
+EXTRA = ("central BBT", "FedBPT, no Eq. 7")  # IID, seeds 1..--extra_seeds
+PAIRED = (("FedBPT", "FedAvg-BBT"), ("FedBPT, no Eq. 7", "FedBPT"))  # differences reported per (seed, split)
 
 
 def run_config(args, seed: int, split: str, method: str) -> dict:
@@ -70,7 +71,7 @@ def run_config(args, seed: int, split: str, method: str) -> dict:
 def jobs_for(args) -> list[tuple[int, str, str]]:
     jobs = [(s, sp, m) for s in range(1, args.seeds + 1) for sp in args.splits for m in MAIN]
     if args.extras:
-        jobs += [(1, "IID", m) for m in EXTRA]
+        jobs += [(s, "IID", m) for s in range(1, args.extra_seeds + 1) for m in EXTRA]
     return jobs
 
 
@@ -225,19 +226,20 @@ def tables(data: dict) -> str:
                 f"| {_ms([r['best']['round'] for r in rs], pct=False)} | {_ms([r['final']['test_acc'] for r in rs])} "
                 f"| {_ms([r['final']['train_acc'] for r in rs])} | {np.mean([r['seconds'] for r in rs]):.0f} |"
             )
-    pairs = []
-    for r in recs:
-        if r["method"] != "FedBPT":
-            continue
-        other = [o for o in recs if o["method"] == "FedAvg-BBT" and o["seed"] == r["seed"] and o["split"] == r["split"]]
-        if other:
-            pairs.append(100 * (r["best"]["test_acc"] - other[0]["best"]["test_acc"]))
-    if pairs:
-        lines += [
-            "",
-            f"FedBPT minus FedAvg-BBT, test @ best dev, paired over {len(pairs)} (seed, split): {np.mean(pairs):+.1f} "
-            f"points [{min(pairs):+.1f}, {max(pairs):+.1f}].",
-        ]
+    for a_m, b_m in PAIRED:
+        pairs = []
+        for r in recs:
+            if r["method"] != a_m:
+                continue
+            other = [o for o in recs if o["method"] == b_m and o["seed"] == r["seed"] and o["split"] == r["split"]]
+            if other:
+                pairs.append(100 * (r["best"]["test_acc"] - other[0]["best"]["test_acc"]))
+        if pairs:
+            lines += [
+                "",
+                f"{a_m} minus {b_m}, test @ best dev, paired over {len(pairs)} (seed, split): {np.mean(pairs):+.1f} "
+                f"points [{min(pairs):+.1f}, {max(pairs):+.1f}].",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -306,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         "--extras",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="central BBT and FedBPT without Eq. 7 on IID seed 1 (default on; --quick: off)",
+        help="central BBT and FedBPT without Eq. 7 on IID (default on; --quick: off)",
     )
+    p.add_argument("--extra_seeds", type=int, default=1, help="the extras on seeds 1..N (default 1)")
     p.add_argument("--rounds", type=int, default=None, help="federated rounds (default 6; --quick: 3)")
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--k_shot", type=int, default=10, help="examples per class in train (and again in dev)")
@@ -344,9 +347,13 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isdir(args.data_dir):
         print(f"error: --data_dir {args.data_dir} is not a folder: point it at SST-2 jsonl files", file=sys.stderr)
         return 2
-    if min(args.seeds, args.rounds, args.clients, args.k_shot, args.n_prompt_tokens, args.workers) < 1:
+    if (
+        min(args.seeds, args.extra_seeds, args.rounds, args.clients, args.k_shot, args.n_prompt_tokens, args.workers)
+        < 1
+    ):
         print(
-            "error: --seeds, --rounds, --clients, --k_shot, --n_prompt_tokens, --workers must be >= 1", file=sys.stderr
+            "error: --seeds, --extra_seeds, --rounds, --clients, --k_shot, --n_prompt_tokens, --workers must be >= 1",
+            file=sys.stderr,
         )
         return 2
     args.data_dir = os.path.abspath(args.data_dir)

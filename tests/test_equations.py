@@ -137,3 +137,16 @@ def test_metrics_from_confusion():
 
 def test_pycma_clip_threshold_at_d500():
     assert mahalanobis_clip_threshold(500) == pytest.approx(24.3527, abs=1e-4)
+
+
+def test_eq7_cannot_see_a_label_bias_that_the_perturbed_copy_shares():
+    from bench.eq7_bias import objective_curves
+
+    # both examples lean to label 1 by 2 nats, label 0 and label 1 once each; the perturbed copy leans the same way.
+    # clean ce at b = 0: (log(1 + e^2) + log(1 + e^-2)) / 2 = (2.1269280 + 0.1269280) / 2 = 1.1269280; a bias of -2
+    # on label 1 removes the lean: log 2 = 0.6931472. Eq. 7 divides the two equal losses: 1 at every b.
+    logits, labels = np.array([[0.0, 2.0], [0.0, 2.0]]), np.array([0, 1])
+    curves = objective_curves([(logits, labels)], [[logits.copy()]], [-2.0, 0.0])
+    assert curves["clean loss"] == pytest.approx([0.6931472, 1.1269280], rel=1e-6)
+    assert curves["Eq. 7 mean_ratio"] == pytest.approx([1.0, 1.0])
+    assert curves["Eq. 7 per_example"] == pytest.approx([1.0, 1.0])
