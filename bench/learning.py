@@ -4,11 +4,12 @@
                                                   # one 100-round run per split and rule
     python -m bench.learning --seeds 1 --rounds 8 --long_rounds 0  # a quick look
     python -m bench.learning --perturb_rates 0.25,0.5,0.75  # FedBPT with the shipped defaults at these rates
+    python -m bench.learning --cov_modes none,diag,full --splits "Dir(1.0) hsu"  # faithful and robust per mode
 
 Every run goes through federation.run_in_process with client.RuntimePool (the same Federation and SiteRuntime
 code the NVFlare job runs, without the simulator's process overhead). Writes bench/results/NAME.md (tables),
-bench/results/NAME_runs.json (every round of every run) and figs/NAME_train_acc.png; NAME is learning, or
-learning_perturb for a perturbation-rate sweep.
+bench/results/NAME_runs.json (every round of every run) and figs/NAME_train_acc.png; NAME is learning,
+learning_perturb for a perturbation-rate sweep, or learning_cov for a covariance-mode sweep.
 
 The planted task is a synthetic optimisation check (src/fedbpt/planted.py): numbers here say whether the search
 and the aggregation fit all clients' data, not how well anything understands language.
@@ -47,17 +48,20 @@ METHODS = {
     "FedBPT, eq6_sent (ablation)": {"server_sigma": "eq6_sent"},
     "FedBPT, paper rule, local TPA": {"local_adaptation": "tpa"},
     "FedAvg-BBT": {"aggregation": "fedavg", "perturb": False, "cov_mode": "none"},
+    "FedBPT robust": {"aggregation": "fedbpt_robust"},
 }
 # The partition question needs only the two rules on the per-class splits.
 PER_CLASS_METHODS = ("FedBPT, paper rule (Eq. 6)", "FedBPT, reference rule")
-LONG_METHODS = ("FedBPT, paper rule (Eq. 6)", "FedBPT, reference rule")
-QUICK = ("FedAvg-BBT", "FedBPT, paper rule (Eq. 6)", "FedBPT, reference rule")
+LONG_METHODS = ("FedBPT, paper rule (Eq. 6)", "FedBPT, reference rule", "FedBPT robust")
+QUICK = ("FedAvg-BBT", "FedBPT, paper rule (Eq. 6)", "FedBPT, reference rule", "FedBPT robust")
 PAIRS = (
     ("FedBPT, paper rule (Eq. 6)", "FedBPT, reference rule"),
     ("FedBPT, paper rule (Eq. 6)", "FedBPT, eq6_sent (ablation)"),
     ("FedBPT, paper rule (Eq. 6)", "FedBPT, paper rule, local TPA"),
     ("FedBPT, paper rule (Eq. 6)", "FedAvg-BBT"),
     ("FedBPT, reference rule", "FedAvg-BBT"),
+    ("FedBPT robust", "FedBPT, paper rule (Eq. 6)"),
+    ("FedBPT robust", "FedAvg-BBT"),
 )
 # The perturbation sweep varies the rate of FedBPT as job.py ships it.
 SHIPPED: dict = {}
@@ -137,6 +141,7 @@ def run_one(job: tuple) -> dict:
                 "test_acc",
                 "sigma",
                 "sigma_before_tell",
+                "sigma_local_median",
                 "bytes_down",
                 "bytes_up",
             )
@@ -175,6 +180,20 @@ class _Pooled:
 
 def matrix(args) -> tuple[dict, list]:
     """The methods to run (name -> options over BASE) and the paired differences to report."""
+    if args.cov_modes:
+        modes = [m for m in ("none", "diag", "full") if m in args.cov_modes.split(",")]
+        methods = {
+            f"{name}, cov {mode}": dict(METHODS[name], cov_mode=mode)
+            for name in ("FedBPT, paper rule (Eq. 6)", "FedBPT robust")
+            for mode in modes
+        }
+        pairs = [
+            (f"{name}, cov {mode}", f"{name}, cov none")
+            for name in ("FedBPT, paper rule (Eq. 6)", "FedBPT robust")
+            for mode in modes
+            if mode != "none" and "none" in modes
+        ]
+        return methods, pairs
     if args.perturb_rates:
         rates = sorted({float(r) for r in args.perturb_rates.split(",")})
         methods = {
@@ -196,13 +215,13 @@ def jobs_for(args, seeds: list[int], splits: list[str], methods: dict) -> list[t
     and no long runs.
     """
     jobs = []
-    if args.long_rounds and not args.perturb_rates:
+    if args.long_rounds and not (args.perturb_rates or args.cov_modes):
         long_splits = [sp for sp in splits if "per-class" not in sp]
         jobs += [(args, 1, sp, m, methods[m], args.long_rounds) for sp in long_splits for m in LONG_METHODS]
     for s in seeds:
         for sp in splits:
             for m in heavy_first(methods):
-                if args.perturb_rates or "per-class" not in sp or m in PER_CLASS_METHODS:
+                if args.perturb_rates or args.cov_modes or "per-class" not in sp or m in PER_CLASS_METHODS:
                     jobs.append((args, s, sp, m, methods[m], args.rounds))
     return jobs
 
@@ -501,6 +520,12 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of the matrix: FedBPT as shipped (reference rule, cov diag) at these comma-separated "
         "perturbation rates (0: no perturbation); writes NAME learning_perturb",
     )
+    p.add_argument(
+        "--cov_modes",
+        default=None,
+        help="instead of the matrix: faithful (paper rule) and robust FedBPT with each of these comma-separated "
+        "covariance modes (none, diag, full); writes NAME learning_cov",
+    )
     p.add_argument("--workers", type=int, default=2, help="processes (one torch thread each)")
     default_data = os.path.join(ROOT, "..", "shared", "data", "sst2")
     p.add_argument(
@@ -516,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         "--resume", action="store_true", help="keep the runs already saved in OUT/NAME_runs.json and run the rest"
     )
     args = p.parse_args(argv)
-    args.name = "learning_perturb" if args.perturb_rates else "learning"
+    args.name = sweep_name(args)
     if args.report_only:
         path = os.path.join(args.out, f"{args.name}_runs.json")
         if not os.path.isfile(path):
@@ -542,6 +567,12 @@ def main(argv: list[str] | None = None) -> int:
         rates = [float(r) for r in args.perturb_rates.split(",")] if args.perturb_rates else []
     except ValueError:
         rates = [-1.0]
+    if args.cov_modes and not set(args.cov_modes.split(",")) <= {"none", "diag", "full"}:
+        print(
+            f"error: --cov_modes must be a comma-separated subset of none,diag,full, got {args.cov_modes}",
+            file=sys.stderr,
+        )
+        return 2
     if any(not 0 <= r <= 1 for r in rates):
         print(
             f"error: --perturb_rates must be comma-separated numbers in [0, 1], got {args.perturb_rates}",
@@ -598,14 +629,19 @@ def save(records: list[dict], metas: dict, args, wall: float) -> None:
     atomic_write(os.path.join(args.out, f"{args.name}_runs.json"), json.dumps(data, indent=1).encode())
 
 
+def sweep_name(args) -> str:
+    return "learning_perturb" if args.perturb_rates else "learning_cov" if args.cov_modes else "learning"
+
+
 def report(records: list[dict], metas: dict, args, wall: float) -> int:
     from fedbpt.core.summary import atomic_write
 
-    args.perturb_rates = getattr(args, "perturb_rates", None)  # results saved before the sweep existed
-    args.name = "learning_perturb" if args.perturb_rates else "learning"
+    args.perturb_rates = getattr(args, "perturb_rates", None)  # results saved before the sweeps existed
+    args.cov_modes = getattr(args, "cov_modes", None)
+    args.name = sweep_name(args)
     methods, pairs = matrix(args)
     text = "## Learning yardstick results\n\n" + tables(records, metas, args, wall, methods, pairs)
-    if not args.perturb_rates:
+    if args.name == "learning":
         text += "\n## Communication per client per round\n\n" + communication()
     atomic_write(os.path.join(args.out, f"{args.name}.md"), text.encode())
     main = [r for r in records if _num_rounds(r, args) == args.rounds]

@@ -1,7 +1,7 @@
 """FedBPT on a real pretrained model: SmolLM2-135M-Instruct (causal LM) on SST-2, in-process, on the CPU.
 
-    python -m bench.smollm2            # FedBPT and FedAvg-BBT x IID and Dir(1.0) x seeds 1-3, plus central BBT and
-                                       # FedBPT without Eq. 7 on IID seed 1
+    python -m bench.smollm2            # FedBPT and FedAvg-BBT x IID and Dir(1.0) x seeds 1-3, plus central BBT,
+                                       # FedBPT without Eq. 7 and robust FedBPT on IID seed 1
     python -m bench.smollm2 --quick    # seed 1, IID: FedBPT and FedAvg-BBT, 3 rounds (8 minutes, quiet machine)
     python -m bench.smollm2 --report_only
     python -m bench.smollm2 --splits IID --k_shot 16 --rounds 8 --name smollm2_long   # more shots and rounds, IID
@@ -35,14 +35,20 @@ METHODS = {
     "FedBPT": {"aggregation": "fedbpt", "perturb": True},
     "FedAvg-BBT": {"aggregation": "fedavg", "perturb": False, "cov_mode": "none"},
     "FedBPT, no Eq. 7": {"aggregation": "fedbpt", "perturb": False},
+    "FedBPT robust": {"aggregation": "fedbpt_robust", "perturb": True},
     # one site holding every client's examples (k_shot per class), the same local search: BBT, same iterations
     "central BBT": {"aggregation": "fedavg", "perturb": False, "cov_mode": "none", "num_clients": 1, "iid": True},
 }
 MAIN = ("FedBPT", "FedAvg-BBT")
 RUN_SETTINGS = ("rounds", "clients", "k_shot", "n_prompt_tokens")  # what a saved run was run with
 MATRIX_SHAPE = ("seeds", "splits", "extras", "extra_seeds")  # which runs the matrix holds: a resumed one may grow
-EXTRA = ("central BBT", "FedBPT, no Eq. 7")  # IID, seeds 1..--extra_seeds
-PAIRED = (("FedBPT", "FedAvg-BBT"), ("FedBPT, no Eq. 7", "FedBPT"))  # differences reported per (seed, split)
+EXTRA = ("central BBT", "FedBPT, no Eq. 7", "FedBPT robust")  # IID, seeds 1..--extra_seeds
+PAIRED = (  # differences reported per (seed, split)
+    ("FedBPT", "FedAvg-BBT"),
+    ("FedBPT, no Eq. 7", "FedBPT"),
+    ("FedBPT robust", "FedBPT"),
+    ("FedBPT robust", "FedAvg-BBT"),
+)
 
 
 def run_config(args, seed: int, split: str, method: str) -> dict:
@@ -308,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         "--extras",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="central BBT and FedBPT without Eq. 7 on IID (default on; --quick: off)",
+        help=f"{', '.join(EXTRA)} on IID (default on; --quick: off)",
     )
     p.add_argument("--extra_seeds", type=int, default=1, help="the extras on seeds 1..N (default 1)")
     p.add_argument("--rounds", type=int, default=None, help="federated rounds (default 6; --quick: 3)")

@@ -12,6 +12,13 @@ import numpy as np
 import pytest
 from helpers import NO_SST2, SST2
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # pytest-xdist workers (pyproject's addopts) share the cores: each gets its part, or torch in every worker
+    # takes them all, and OpenMP threads spin-waiting on each other run several times slower. Set before torch is
+    # imported; the simulator and the deployments set their clients' threads themselves.
+    _share = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
+
 POSITIVE = ["great", "lovely", "moving", "funny", "smart", "warm", "bright", "tender"]
 NEGATIVE = ["bad", "dull", "boring", "flat", "tired", "messy", "cold", "weak"]
 NOUNS = ["film", "movie", "story", "cast", "script", "plot", "ending", "score", "director", "scene"]
@@ -103,3 +110,12 @@ def shared_sst2() -> str:
     if not os.path.isfile(os.path.join(SST2, "train.jsonl")):
         pytest.skip(NO_SST2)
     return SST2
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (pyproject's addopts: ``--dist loadfile --no-loadscope-reorder``) each module goes to one
+    worker whole, so its module fixtures (a simulator run, a POC deployment) run once, and the modules are handed
+    out in the order of the first of their tests here. Slow tests first: no worker is left alone with a long module
+    at the end while the other idles."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: the order within stays

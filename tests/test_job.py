@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,13 +31,27 @@ SMALL = [
 pytestmark = pytest.mark.slow
 
 
-def simulate(tmp_path, data_dir, *args):
+def launch(tmp_path, data_dir, *args) -> tuple[subprocess.Popen, Path]:
+    """Start job.py in the simulator; :func:`finish` waits for it."""
     ws = tmp_path / "ws"
     cmd = [sys.executable, os.path.join(REPO, "job.py"), "--data_dir", data_dir, "--workspace", str(ws), *SMALL, *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), ws
+
+
+def finish(proc: subprocess.Popen, ws: Path):
+    try:
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, (stdout + stderr)[-4000:]
     with open(ws / "fedbpt_summary.json") as f:
-        return json.load(f), ws, out.stdout + out.stderr
+        return json.load(f), ws, stdout + stderr
+
+
+def simulate(tmp_path, data_dir, *args):
+    return finish(*launch(tmp_path, data_dir, *args))
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +113,7 @@ def test_simulator_run_writes_a_complete_summary(three_clients, nvflare_fobs):
         "intrinsic_dim": 20,
         "n_prompt_tokens": 6,
         "cat_or_add": "auto",  # as configured: add for this masked model (config.MODEL_KIND_DEFAULTS)
+        "prompt_placement": "front",  # auto resolved: the paper's placement
         "sigma": 1.0,
     }
     assert (
@@ -137,8 +153,15 @@ def test_the_simulator_and_the_in_process_runner_agree(three_clients, toy_data_d
 def test_fewer_threads_than_clients_gives_the_same_run(tmp_path, toy_data_dir):
     """With --threads 1 every task runs in a fresh process: nothing may depend on executor state."""
     args = ["--num_clients", "2", "--num_rounds", "2"]
-    one, ws1, _ = simulate(tmp_path / "t1", toy_data_dir, *args, "--threads", "1")
-    two, ws2, _ = simulate(tmp_path / "t2", toy_data_dir, *args, "--threads", "2")
+    # both at once: the runs are independent, and much of a run is spent starting processes and polling
+    runs = [launch(tmp_path / f"t{n}", toy_data_dir, *args, "--threads", str(n)) for n in (1, 2)]
+    try:
+        (one, ws1, _), (two, ws2, _) = (finish(*run) for run in runs)
+    finally:
+        for proc, _ in runs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     assert one["status"] == two["status"] == "completed"
     np.testing.assert_array_equal(np.load(ws1 / "prompt_final.npy"), np.load(ws2 / "prompt_final.npy"))
     assert [r["dev_acc"] for r in one["rounds"]] == [r["dev_acc"] for r in two["rounds"]]

@@ -38,26 +38,30 @@ def test_a_user_script_runs_simenv_exports_for_poc_and_matches_job_py(toy_data_d
     script = tmp_path / "my_fedbpt.py"
     script.write_text(USER_SCRIPT)
     assert len(USER_SCRIPT.strip().splitlines()) < 15
-    sim, jobs = str(tmp_path / "sim"), str(tmp_path / "jobs")
-    out = subprocess.run(
-        [sys.executable, str(script), toy_data_dir, sim, jobs], cwd=REPO, capture_output=True, text=True, timeout=900
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    sim, jobs, ws = str(tmp_path / "sim"), str(tmp_path / "jobs"), str(tmp_path / "ws")
+    args = ["--config", "configs/tiny.yaml", "--data_dir", toy_data_dir, "--num_clients", "2", "--num_rounds", "2"]
+    # the script and job.py at once: independent runs, much of each spent starting processes and polling
+    procs = [
+        subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for cmd in (
+            [sys.executable, str(script), toy_data_dir, sim, jobs],
+            [sys.executable, JOB, *args, "--torch_threads", "1", "--workspace", ws],
+        )
+    ]
+    try:
+        errs = [proc.communicate(timeout=900)[1] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for proc, err in zip(procs, errs):
+        assert proc.returncode == 0, err[-3000:]
     via_recipe = final_prompt(os.path.join(sim, "fedbpt", "server", "simulate_job"))
 
     with open(os.path.join(jobs, "fedbpt", "app", "config", "config_fed_server.json")) as f:
         assert "task_request_interval" not in f.read()  # the export polls as deployed, not at SimEnv's 0.05 s
 
-    ws = str(tmp_path / "ws")
-    args = ["--config", "configs/tiny.yaml", "--data_dir", toy_data_dir, "--num_clients", "2", "--num_rounds", "2"]
-    out = subprocess.run(
-        [sys.executable, JOB, *args, "--torch_threads", "1", "--workspace", ws],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
     via_job_py = final_prompt(ws)
     assert via_recipe.shape == (50,) and np.any(via_recipe != 0)
     np.testing.assert_array_equal(via_recipe, via_job_py)

@@ -8,6 +8,10 @@ consequences shape this module:
   tell() to a value derived from the local step sizes (paper Eq. 6, or the reference example's rule). The step
   sent to the clients is the previous sent step scaled by the change CSA made to that corrected step, as in the
   reference code (:func:`sigma_sent`).
+
+:class:`RobustServerES` (``--aggregation fedbpt_robust``) keeps that server CMA-ES and changes two rules that make
+the faithful one collapse under label skew and drift (docs/algorithm.md, "Robust FedBPT"): every client mean gets
+the same recombination weight, and the step sent on is the median of the clients' final local steps.
 """
 
 from __future__ import annotations
@@ -44,6 +48,44 @@ class AggregationInfo:
     sigma_sent: float
     clipped: int = 0
     notes: dict = field(default_factory=dict)
+    clients: dict = field(default_factory=dict)  # site -> what the server did with its upload (see client_stats)
+
+
+def client_stats(
+    updates: list[ClientUpdate], start: np.ndarray, weights: np.ndarray, kept: np.ndarray | None = None
+) -> dict:
+    """Per client, what the aggregation saw and did: its uploaded local fitness, the recombination weight its mean
+    got, how far (Euclidean, in z) its local search moved from the mean it started at, the fraction of that move the
+    server kept after pycma's Mahalanobis clipping (1: unclipped), and its final local step. All of it derives from
+    the upload itself: nothing more about a site's data is revealed."""
+    kept = np.ones(len(updates)) if kept is None else kept
+    return {
+        u.site: {
+            "fitness": float(u.fitness),
+            "weight": float(w),
+            "moved": float(np.linalg.norm(np.asarray(u.mean) - start)),
+            "kept": float(k),
+            "sigma_final": float(u.sigma_final),
+        }
+        for u, w, k in zip(updates, weights, kept)
+    }
+
+
+def rank_weights(fitnesses: np.ndarray, weights: list[float]) -> np.ndarray:
+    """The weight pycma's tell() gives each told point: ``weights`` (best first) by rank of fitness, lowest best."""
+    by_rank = np.zeros(len(fitnesses))
+    w = np.asarray(weights, dtype=np.float64)[: len(fitnesses)]
+    by_rank[: len(w)] = w  # pycma's positive weights: ranks past mu get none
+    out = np.zeros(len(fitnesses))
+    out[np.argsort(np.asarray(fitnesses), kind="stable")] = by_rank
+    return out
+
+
+def median_local_step(updates: list[ClientUpdate]) -> float:
+    """The robust rule's sent step: the median of the clients' final local steps. The local CSA runs shrink their
+    step as they converge; carrying the median on lets the federation converge with them (the faithful sent step
+    stays near sigma0 for hundreds of rounds), and the median ignores a client whose step blew up or collapsed."""
+    return float(np.median([u.sigma_final for u in updates]))
 
 
 def paper_sigma(fitnesses: np.ndarray, sigmas: list[np.ndarray], popsizes: list[int]) -> float:
@@ -106,6 +148,10 @@ def mahalanobis_clip_threshold(d: int) -> float:
 class ServerES:
     """The global CMA-ES over z in R^d; popsize = mu = the number of clients per round."""
 
+    def _es_options(self, k: int) -> tuple[int, dict]:
+        """(popsize, extra pycma options): K told points, pycma's default decreasing weights by rank (the paper's)."""
+        return k, {"CMA_mu": k}
+
     def __init__(
         self, d: int, sigma0: float, clients_per_round: int, seed: int, bound: float = 0.0, sigma_rule: str = "paper"
     ) -> None:
@@ -113,18 +159,10 @@ class ServerES:
             raise ValueError(f"unknown server sigma rule {sigma_rule!r}: one of {', '.join(SIGMA_RULES)}")
         self.sigma_rule = sigma_rule
         self.bound = float(bound)
-        self.k = clients_per_round
+        self.k, extra = self._es_options(clients_per_round)  # points told per round
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.es = make_es(
-                np.zeros(d),
-                sigma0,
-                clients_per_round,
-                seed,
-                bound,
-                {"CMA_mu": clients_per_round},
-                adaptation="csa",
-            )
+            self.es = make_es(np.zeros(d), sigma0, self.k, seed, bound, extra, adaptation="csa")
         self.sent_sigma = float(sigma0)
 
     def _mean_in_bounds(self) -> np.ndarray:
@@ -172,6 +210,7 @@ class ServerES:
                     len(updates),
                     limit,
                 )
+            start = self._mean_in_bounds()  # the mean the clients searched from (the state sent this round)
             x = [np.asarray(u.mean, dtype=np.float64) for u in updates]
             if len(x) < self.k:
                 # pycma needs mu = K points. A missing client is told as the current mean ranked last: it adds
@@ -181,11 +220,40 @@ class ServerES:
                 missing = self.k - len(x)
                 x += [self._mean_in_bounds()] * missing
                 fit = np.concatenate([fit, np.full(missing, fit.max() + 1.0)])
+            weights = rank_weights(fit, list(self.es.sp.weights.positive_weights))[: len(updates)]
             self.es.tell(x, fit.tolist())
             after = float(self.es.sigma)
             # The server's own sigma is reset before every tell, so only the sent step carries over between rounds.
-            self.es.sigma = sigma_sent(self.sigma_rule, after, before, self.sent_sigma)
+            self.es.sigma = self._sent(updates, after, before)
         self.sent_sigma = float(self.es.sigma)
         return AggregationInfo(
-            before, self.sent_sigma, clipped, {"max_mahalanobis": float(dist.max()), "sigma_after_tell": after}
+            before,
+            self.sent_sigma,
+            clipped,
+            {"max_mahalanobis": float(dist.max()), "sigma_after_tell": after},
+            client_stats(updates, start, weights, np.minimum(1.0, limit / np.maximum(dist, 1e-300))),
         )
+
+    def _sent(self, updates: list[ClientUpdate], after: float, before: float) -> float:
+        return sigma_sent(self.sigma_rule, after, before, self.sent_sigma)
+
+
+class RobustServerES(ServerES):
+    """FedBPT's server CMA-ES with two rules changed; the local search, the wire and Eq. 6 stay the paper's.
+
+    1. Equal weights. pycma's default recombination weights decrease with the rank of the uploaded local fitness.
+       A client whose few examples are (nearly) one class reaches near-zero loss with a prompt that predicts that
+       class for everything, so the most skewed client ranks first and pulls the global prompt its way every round
+       (measured: docs/algorithm.md). Here each of the K client means weighs 1/K, the mean update of FedAvg, while
+       the server still adapts and sends the covariance. pycma requires a last weight <= 0, so the ES has K + 1
+       points: the K client means and, ranked last with weight 0, the current mean (it moves nothing).
+    2. The sent step is the median of the clients' final local steps (:func:`median_local_step`), not the
+       faithful ratio x previous sent step, which the server's CSA at popsize K in d = 500 keeps within about 1%
+       of 1 a round, so the clients keep searching at about sigma0 and walk away from what they found.
+    """
+
+    def _es_options(self, k: int) -> tuple[int, dict]:
+        return k + 1, {"CMA_mu": k + 1, "CMA_recombination_weights": [1.0] * k + [0.0]}
+
+    def _sent(self, updates: list[ClientUpdate], after: float, before: float) -> float:
+        return median_local_step(updates)

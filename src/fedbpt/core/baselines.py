@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedbpt.core.aggregation import AggregationInfo, ClientUpdate, ServerES
+from fedbpt.core.aggregation import AggregationInfo, ClientUpdate, RobustServerES, ServerES, client_stats
 from fedbpt.core.search import GlobalState
 
 
@@ -44,9 +44,10 @@ class FedAvgServer:
             raise ValueError("no client updates to aggregate")
         w = np.array([u.n_train for u in updates], dtype=np.float64)
         w /= w.sum()
+        start = self.mean.copy()
         self.mean = np.sum([wi * u.mean for wi, u in zip(w, updates)], axis=0)
         self.sigma = float(np.sum([wi * u.sigma_final for wi, u in zip(w, updates)]))
-        return AggregationInfo(self.sigma, self.sigma)
+        return AggregationInfo(self.sigma, self.sigma, clients=client_stats(updates, start, w))
 
 
 class LocalOnlyServer:
@@ -77,4 +78,5 @@ def make_server(cfg: dict, clients_per_round: int, sites: list[str]):
         return FedAvgServer(d, sigma0)
     if cfg["aggregation"] == "local":
         return LocalOnlyServer(d, sigma0, sites)
-    return ServerES(d, sigma0, clients_per_round, cfg["seed"], cfg["bound"], cfg["server_sigma"])
+    cls = RobustServerES if cfg["aggregation"] == "fedbpt_robust" else ServerES
+    return cls(d, sigma0, clients_per_round, cfg["seed"], cfg["bound"], cfg["server_sigma"])

@@ -19,6 +19,7 @@ import zipfile
 
 import numpy as np
 
+from fedbpt.core.config import SERVER_ES
 from fedbpt.core.summary import _json_default, atomic_write
 from fedbpt.errors import CheckpointError
 
@@ -31,6 +32,7 @@ VERSION = 1
 # Settings that fix the search space, the data, the clients' objective and the server's update: a checkpoint only
 # continues a run that shares all of them. Rounds, evaluation cadence, timeouts, paths and devices may change.
 MUST_MATCH = (
+    "aggregation",
     "task_name",
     "intrinsic_dim",
     "seed",
@@ -38,6 +40,7 @@ MUST_MATCH = (
     "n_prompt_tokens",
     "cat_or_add",
     "label_encoding",
+    "prompt_placement",
     "sigma",
     "bound",
     "num_clients",
@@ -56,6 +59,9 @@ MUST_MATCH = (
     "local_iter",
     "local_popsize",
 )
+
+# Settings added to MUST_MATCH after checkpoints were written without them: the value those runs had.
+ADDED_LATER = {"aggregation": "fedbpt", "prompt_placement": "auto"}
 
 # pycma state that its tell() reads or carries forward (cma 4.x). B, C and D live in the sampler ``sm``; the
 # strategy holds aliases of them. Attributes missing or None at save time are restored as such.
@@ -215,6 +221,7 @@ def to_bytes(fed, rounds_done: int) -> bytes:
         "round": int(rounds_done),
         "config": fingerprint(fed.cfg),
         "clients_per_round": int(fed.k),
+        "told_per_round": int(fed.server.k),
         "sites": list(fed.sites),
         "cma_version": cma.__version__,
         "es": es_header,
@@ -240,9 +247,9 @@ def save(fed, rounds_done: int, out_dir: str) -> str:
 def is_due(rnd: int, cfg: dict) -> bool:
     """After round ``rnd`` (0-based): every --checkpoint_every rounds, and after the last round.
 
-    Only FedBPT's server CMA-ES is checkpointed; the baseline aggregations (bench tools) are not.
+    Only FedBPT's server CMA-ES (faithful or robust) is checkpointed; the baseline aggregations (bench tools) are not.
     """
-    if cfg.get("aggregation", "fedbpt") != "fedbpt":
+    if cfg.get("aggregation", "fedbpt") not in SERVER_ES:
         return False
     every = int(cfg.get("checkpoint_every", 1))
     return every > 0 and ((rnd + 1) % every == 0 or rnd + 1 == cfg["num_rounds"])
@@ -433,6 +440,7 @@ def _validate(header: dict, arrays: dict) -> None:
         raise _Invalid("sites", "is not a non-empty list of distinct site names")
     # not bounded by the sites: sites that fail setup leave the rotation and the server tells their points as absent
     k = _int(header["clients_per_round"], "clients_per_round", 1)
+    k = _int(header.get("told_per_round", k), "told_per_round", k, k + 1)  # robust: the K means and the mean
     if not isinstance(header["cma_version"], str) or not header["cma_version"]:
         raise _Invalid("cma_version", f"is {header['cma_version']!r}, not a version string")
     _validate_es(header["es"], arrays, d, k)
@@ -571,6 +579,7 @@ def _validate_summary(summary, arrays: dict, rounds_done: int, d: int) -> None:
 def check_compatible(ckpt: Checkpoint, cfg: dict, clients_per_round: int | None = None) -> None:
     """Refuse a checkpoint written by a run with other settings (d, task, seed, ...)."""
     saved = ckpt.header["config"]
+    saved = {**ADDED_LATER, **saved}
     diffs = [
         f"--{k} {saved.get(k)!r} there, {cfg[k]!r} here"
         for k in MUST_MATCH

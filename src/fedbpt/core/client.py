@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from fedbpt.core.config import scorer_options
+from fedbpt.core.config import prompt_placement, scorer_options
 from fedbpt.core.data import load_split
 from fedbpt.core.models import TINY_NAME, model_kind, resolve_model
 from fedbpt.core.search import LocalObjective, derive_seed, evaluate, local_search, perturb
@@ -48,6 +48,7 @@ def build_scorer(cfg: dict, model_path: str, task, device: str):
         cfg["max_batch_tokens"],
         cfg["attn_implementation"],
         label_encoding=opts["label_encoding"],
+        prompt_placement=prompt_placement(cfg),
     )
 
 
@@ -76,9 +77,11 @@ class SiteRuntime:
         self.test = (
             self.scorer.encode(load_split(self.task, self.task.test_split, data_dir)) if self.is_eval_client else None
         )
+        # after the input: the clean shards' text keys/values, computed once and kept for the run (bounded)
+        held = self.scorer.hold(self.train) + self.scorer.hold(self.dev)
         log.info(
             "%s: %d train, %d dev, %s test examples (data %s, shard %s; %s); model %s on %s "
-            "(CUDA_VISIBLE_DEVICES=%s); ready in %.1fs",
+            "(CUDA_VISIBLE_DEVICES=%s); prompt %s, text keys/values kept %.3g MB; ready in %.1fs",
             site,
             len(self.train),
             len(self.dev),
@@ -89,6 +92,8 @@ class SiteRuntime:
             model_path,
             device,
             os.environ.get("CUDA_VISIBLE_DEVICES"),
+            self.scorer.placement,
+            held / 2**20,
             time.time() - t0,
         )
 
@@ -105,6 +110,7 @@ class SiteRuntime:
     def _eval(self, z: np.ndarray, name: str, enc, out: dict) -> None:
         r = evaluate(self.scorer.label_logits, z, enc, self.cfg["loss_type"])
         out[f"{name}_loss"], out[f"{name}_n"], out[f"{name}_confusion"] = r["loss"], r["n"], r["confusion"]
+        out["eval_queries"] = out.get("eval_queries", 0) + r["n"]
 
     def evaluate(self, z: np.ndarray, with_dev: bool, with_test: bool = True) -> dict:
         """The global prompt (or every site's prompt, local-only) on this site's train shard, and (when due) its
@@ -120,6 +126,7 @@ class SiteRuntime:
     def final_evaluate(self, msg: dict) -> dict:
         """The final prompt on train, dev and test; with --test_eval end also the best-dev prompt on test."""
         final = np.asarray(msg["state"]["mean"], dtype=np.float64)
+        tokens = self.scorer.tokens
         out = self.evaluate(final, with_dev=True)
         if "best_mean" in msg and self.test is not None:
             best = np.asarray(msg["best_mean"], dtype=np.float64)
@@ -127,6 +134,7 @@ class SiteRuntime:
                 out.update({f"best_{k}": v for k, v in out.items() if k.startswith("test_")})
             else:
                 self._eval(best, "best_test", self.test, out)
+        out["tokens"] = self.scorer.tokens - tokens
         return out
 
     def run_round(self, state_msg: dict, with_eval: bool, should_stop=None) -> dict:
@@ -134,24 +142,32 @@ class SiteRuntime:
         cfg = self.cfg
         shown, state = state_for_site(state_msg, self.site)
         t0 = time.time()
+        tokens = self.scorer.tokens
         metrics = self.evaluate(shown, with_eval, with_test=cfg["test_eval"] == "rounds")
         t_eval = time.time() - t0
         perturbed = None
         if cfg["perturb"]:
             rng = np.random.default_rng([cfg["seed"], self.index, state.round, 1])
             perturbed = perturb(self.train, cfg["perturb_rate"], self.scorer.ordinary_ids, rng)
+            self.scorer.hold(perturbed)  # after the input: the perturbed texts' keys/values, for this round
         objective = LocalObjective(self.scorer.label_logits, self.train, cfg["loss_type"], perturbed, cfg["eq7"])
         seed = derive_seed(cfg["seed"], self.index, state.round)
-        res = local_search(
-            state,
-            objective,
-            cfg["local_popsize"],
-            cfg["local_iter"],
-            seed,
-            cfg["bound"],
-            should_stop,
-            cfg["local_adaptation"],
-        )
+        try:
+            res = local_search(
+                state,
+                objective,
+                cfg["local_popsize"],
+                cfg["local_iter"],
+                seed,
+                cfg["bound"],
+                should_stop,
+                cfg["local_adaptation"],
+            )
+        finally:
+            if perturbed is not None:
+                self.scorer.release(perturbed)
+        metrics["queries"] = objective.evaluations * len(objective.inputs)  # examples x candidates, both copies
+        metrics["tokens"] = self.scorer.tokens - tokens
         return encode_update(
             res.mean,
             res.fitness,

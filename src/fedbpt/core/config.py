@@ -39,6 +39,7 @@ DEFAULTS: dict = {
     "loss_type": "ce",
     "cat_or_add": "auto",
     "label_encoding": "auto",
+    "prompt_placement": "auto",
     "local_iter": 8,
     "local_popsize": 5,
     "iid": True,
@@ -96,6 +97,9 @@ HELP = {
     "front of the embedding output (as BBT); auto: add for masked LMs (the reference's default), cat for causal LMs",
     "label_encoding": "bare: a label word's first token without a leading space (as the reference and BBT); space: the "
     "space-prefixed word, which must be one token; auto: bare for masked LMs, space for causal LMs",
+    "prompt_placement": "front: [start] P text (the paper's and BBT's); after_input (causal LMs): [start] text P cue, "
+    "the text's keys and values computed once per example and reused by every candidate (exact; docs/models.md); "
+    "auto: front",
     "local_iter": "local CMA-ES iterations I per round",
     "local_popsize": "local CMA-ES population lambda",
     "iid": "1: IID split; 0: Dirichlet label skew",
@@ -117,7 +121,9 @@ HELP = {
     "server_sigma": "paper: Eq. 6 sets the server step before tell, the step sent is (after / before) x previous "
     "sent; reference: the NVFlare example's rule; eq6_sent: ablation that sends the post-tell step (diverges)",
     "local_adaptation": "step-size adaptation of the local CMA-ES: csa (as cma 3.4, which the reference pinned) or tpa",
-    "aggregation": "fedbpt: server CMA-ES (paper); fedavg: FedAvg-BBT baseline; local: clients search alone (baseline)",
+    "aggregation": "fedbpt: server CMA-ES (paper); fedbpt_robust: the same with equal weights for the client means and "
+    "the median final local step sent on (does not collapse under label skew; docs/algorithm.md); fedavg: FedAvg-BBT "
+    "baseline; local: clients search alone (baseline)",
     "cov_mode": "covariance sent to clients: full (float32 triangle), diag, none",
     "precision": "fp32 | bf16 | fp16 (autocast; bf16/fp16 need CUDA)",
     "max_batch_tokens": "tokens per forward pass (candidates x examples x length); lower it if memory is short",
@@ -135,17 +141,19 @@ CHOICES = {
     "loss_type": ("ce", "hinge", "perf"),
     "cat_or_add": ("auto", "add", "cat"),
     "label_encoding": ("auto", "bare", "space"),
+    "prompt_placement": ("auto", "front", "after_input"),
     "partition": ("hsu", "per_class"),
     "eq7": ("mean_ratio", "per_example"),
     "local_adaptation": ("csa", "tpa"),
     "server_sigma": ("paper", "reference", "eq6_sent"),
-    "aggregation": ("fedbpt", "fedavg", "local"),
+    "aggregation": ("fedbpt", "fedbpt_robust", "fedavg", "local"),
     "cov_mode": ("full", "diag", "none"),
     "precision": ("fp32", "bf16", "fp16"),
     "attn_implementation": ("sdpa", "eager"),
     "test_eval": ("rounds", "end"),
 }
 BOOL_01 = ("iid", "perturb")
+SERVER_ES = ("fedbpt", "fedbpt_robust")  # aggregations with a server CMA-ES: checkpointed, resumable
 
 
 class _Parser(argparse.ArgumentParser):
@@ -432,8 +440,10 @@ def validate(cfg: dict) -> dict:
             raise ConfigError(f"--data_dir {cfg['data_dir']} is not a directory")
     if cfg["checkpoint_every"] < 0:
         raise ConfigError(f"--checkpoint_every must be 0 (never) or more, got {cfg['checkpoint_every']}")
-    if cfg["resume"] and cfg["aggregation"] != "fedbpt":
-        raise ConfigError("--resume works with --aggregation fedbpt only (the baselines keep no checkpoint)")
+    if cfg["resume"] and cfg["aggregation"] not in SERVER_ES:
+        raise ConfigError(
+            "--resume works with --aggregation fedbpt or fedbpt_robust only (the baselines keep no checkpoint)"
+        )
     if cfg["resume"]:
         cfg["resume"] = os.path.abspath(os.path.expanduser(cfg["resume"]))
         if not os.path.isfile(cfg["resume"]):
@@ -497,6 +507,13 @@ MODEL_KIND_DEFAULTS = {
     "masked": {"cat_or_add": "add", "label_encoding": "bare"},
     "causal": {"cat_or_add": "cat", "label_encoding": "space"},
 }
+
+
+def prompt_placement(cfg: dict) -> str:
+    """--prompt_placement with "auto" resolved: front for every model (the paper's placement; after_input is
+    chosen explicitly, and only for causal LMs)."""
+    value = cfg.get("prompt_placement", "auto")
+    return "front" if value == "auto" else value
 
 
 def scorer_options(cfg: dict, kind: str) -> dict:

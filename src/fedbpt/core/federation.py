@@ -18,7 +18,7 @@ from fedbpt.core.checkpoint import after_round, open_run
 from fedbpt.core.config import clients_per_round
 from fedbpt.core.summary import RunSummary
 from fedbpt.core.tasks import get_task
-from fedbpt.core.wire import decode_eval, decode_update, encode_state, payload_bytes
+from fedbpt.core.wire import COUNTS, decode_counts, decode_eval, decode_update, encode_state, payload_bytes
 from fedbpt.errors import PayloadError, TooFewClients
 
 log = logging.getLogger(__name__)
@@ -91,10 +91,13 @@ class Federation:
             best_fitness=float(fits.min()),
             median_fitness=float(np.median(fits)),
             clipped=info.clipped,
+            sigma_local_median=float(np.median([u.sigma_final for u in updates])),
+            client_stats=info.clients,
             seconds=time.time() - self._t0,
             client_seconds={s: _work_seconds(results[s]) for s in evals},  # model work: the rest is orchestration
             bytes_down=int(bytes_down),
             bytes_up=int(np.mean(up)) if up else 0,
+            **_summed_counts(decode_counts(results[u.site]) for u in updates),
         )
 
     def final_message(self) -> dict:
@@ -107,13 +110,26 @@ class Federation:
 
     def finish(self, results: dict) -> dict:
         """Record the final evaluation; a malformed report is dropped (there is no search state to protect)."""
-        evals = {}
+        evals, counts = {}, []
         for site, payload in sorted(results.items()):
             try:
                 evals[site] = decode_eval(payload, self.num_labels, self.cfg["loss_type"])
+                counts.append(decode_counts(payload))
             except PayloadError as exc:
                 log.error("final evaluation: dropped the report of %s: %s", site, exc)
-        return self.summary.add_final(self.cfg["num_rounds"], self._state.mean, evals)
+        row = self.summary.add_final(self.cfg["num_rounds"], self._state.mean, evals)
+        row.update(_summed_counts(counts))
+        row["totals"] = _summed_counts(self.summary.rounds + [row])  # the run's cost, final evaluation included
+        return row
+
+
+def _summed_counts(reports) -> dict:
+    """queries, eval_queries and tokens summed over sites' reports (or rows); absent counts add nothing."""
+    out = dict.fromkeys(COUNTS, 0)
+    for report in reports:
+        for key in COUNTS:
+            out[key] += report.get(key, 0)
+    return out
 
 
 def _work_seconds(payload: dict) -> float:

@@ -31,7 +31,7 @@ def preflight(cfg: dict) -> None:
     """``cfg``: a prepared config (:func:`prepare_config`)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from fedbpt.core.config import check_machine, scorer_options
+    from fedbpt.core.config import check_machine, prompt_placement, scorer_options
     from fedbpt.core.data import load_split, site_data
     from fedbpt.core.models import check_model_folder, model_kind, resolve_model
     from fedbpt.core.scorer import check_model_source, label_token_ids
@@ -64,6 +64,8 @@ def preflight(cfg: dict) -> None:
         raise ConfigError(
             f"task {task.name} has no causal-LM template: use a masked LM, or add one in fedbpt/core/tasks.py"
         )
+    if kind == "masked" and prompt_placement(cfg) == "after_input":
+        raise ConfigError("--prompt_placement after_input needs a causal LM: use --prompt_placement front (or auto)")
     try:
         tok = AutoTokenizer.from_pretrained(name)
         config = AutoConfig.from_pretrained(name)
@@ -80,11 +82,12 @@ def preflight(cfg: dict) -> None:
 def check_fitting(cfg: dict, task, tok, config, kind: str, sets: dict) -> None:
     """Refuse a run whose every training or test example the scorer would drop as too long."""
     from fedbpt.core import causal, scorer
+    from fedbpt.core.config import prompt_placement
 
     n = cfg["n_prompt_tokens"]
     for split, examples in sets.items():
         if kind == "causal":
-            kept = causal.count_fitting(tok, config, task, examples, n)
+            kept = causal.count_fitting(tok, config, task, examples, n, prompt_placement(cfg))
             limit = causal.max_length(config)
         else:
             kept, limit = scorer.count_fitting(tok, task, examples, n), scorer.MAX_SEQ_LEN

@@ -226,11 +226,14 @@ class PromptScorer:
     placeholders draw from, the cost of a forward pass, and the projection A.
 
     Subclasses give the model loader and ``label_words`` (the task's words for their kind of model), and score.
+    ``queries`` (examples x candidates scored) and ``tokens`` (positions the model computed, padding included) count
+    what a black-box user would pay for; callers read their differences around a piece of work.
     """
 
     load = staticmethod(load_model)  # (model_path, device, attn_implementation) -> (tokenizer, frozen model)
     default_mode = "add"  # cat_or_add when None
     default_label_encoding = "bare"  # label_encoding when None
+    placements = ("front",)  # prompt placements the scorer implements; the first is the default
 
     def __init__(
         self,
@@ -246,9 +249,19 @@ class PromptScorer:
         max_batch_tokens: int = 32768,
         attn_implementation: str = "sdpa",
         label_encoding: str | None = None,
+        prompt_placement: str | None = None,
     ) -> None:
         import torch
 
+        prompt_placement = prompt_placement or self.placements[0]
+        if prompt_placement not in self.placements:
+            raise ConfigError(
+                f"--prompt_placement {prompt_placement} is not available for {type(self).__name__}: use "
+                f"{' or '.join(self.placements)} (after_input needs a causal LM)"
+            )
+        self.placement = prompt_placement
+        self.queries = 0
+        self.tokens = 0
         self.check_task(task)
         cat_or_add = cat_or_add or self.default_mode
         label_encoding = label_encoding or self.default_label_encoding
@@ -306,6 +319,19 @@ class PromptScorer:
 
     def close(self) -> None:
         """Release what the scorer attached to the (process-cached, shared) model."""
+
+    def hold(self, enc: Encoded) -> int:
+        """Keep what scoring ``enc``'s examples needs from the model beyond the prompt, for every later call; returns
+        the bytes it added. Nothing here (the prompt comes first, so nothing is independent of it)."""
+        return 0
+
+    def release(self, enc: Encoded) -> None:
+        """Undo one :meth:`hold` of ``enc``."""
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes kept by :meth:`hold`."""
+        return 0
 
     def prompts(self, z: np.ndarray):
         """(C, d) -> (C, n, h) prompt embeddings A z."""
@@ -468,6 +494,7 @@ class Scorer(PromptScorer):
         longest = int(rows.max())
         # candidates per pass: as many as fit the token budget with at least one example each
         c_chunk = max(1, min(c_total, self.max_batch_tokens // longest))
+        self.queries += c_total * n_ex
         with torch.inference_mode(), self._autocast():
             for c0 in range(0, c_total, c_chunk):
                 p = self.prompts(z[c0 : c0 + c_chunk])
@@ -481,6 +508,7 @@ class Scorer(PromptScorer):
                     mpos = torch.as_tensor(enc.mask_pos[idx], device=self.device).repeat(cc)
                     with self.prompt(prompt_rows):
                         logits = self._mask_logits(ids_r, att_r, mpos)
+                    self.tokens += ids_r.shape[0] * (ids_r.shape[1] + self.extra_rows)
                     out[c0 : c0 + cc, idx] = logits.float().view(cc, b, -1).cpu().numpy()
         return out
 

@@ -14,6 +14,7 @@ import tempfile
 
 import numpy as np
 
+from fedbpt.core.config import prompt_placement
 from fedbpt.core.scorer import metric_from_confusion
 
 SUMMARY_FILE = "fedbpt_summary.json"
@@ -136,6 +137,9 @@ class RunSummary:
                 f"sigma {f(row['sigma'])}",
                 f"{row['seconds']:.2f}s",
             ]
+        if "totals" in row:  # the final line: what the whole run cost
+            t = row["totals"]
+            parts.append(f"queries {t['queries']:,} search + {t['eval_queries']:,} eval, tokens {t['tokens']:,}")
         return " | ".join(parts)
 
     def to_dict(self) -> dict:
@@ -143,6 +147,7 @@ class RunSummary:
             k: self.config[k]
             for k in ("model_name", "task_name", "seed", "intrinsic_dim", "n_prompt_tokens", "cat_or_add", "sigma")
         }
+        meta["prompt_placement"] = prompt_placement(self.config)
         out = {
             "status": self.status,
             "metric": self.metric,

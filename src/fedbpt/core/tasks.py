@@ -3,7 +3,8 @@
 A template is a format string over the example's text columns plus ``{mask}``. The prompt placeholders are
 not part of the template: the scorer inserts them right after the start token, so every task gets them in
 the same place (as in BBT and the FedBPT reference). Causal LMs use ``TaskSpec.causal`` instead: a template
-that ends where the label word would follow, and label words that are single space-prefixed tokens.
+that ends where the label word would follow, label words that are single space-prefixed tokens, and the cue (the
+template's end) that follows the prompt when it is placed after the input.
 """
 
 from __future__ import annotations
@@ -24,6 +25,23 @@ class CausalPrompt:
 
     template: str
     label_words: tuple[str, ...]
+    cue: str | None = None
+
+    def split(self) -> tuple[str, str]:
+        """(text part, cue) of the template for the after-input placement, ``[start] {text part} P {cue}``.
+
+        The cue is the end of the template that asks for the label (" It was", " Answer:"): it follows the prompt, so
+        the text part before it, the same for every candidate, can be encoded once. None takes what follows the
+        template's last text field.
+        """
+        cue = self.cue
+        if cue is None:
+            cue = self.template[self.template.rfind("}") + 1 :]
+        if not cue or not self.template.endswith(cue) or "{" in cue:
+            raise ConfigError(
+                f"causal cue {cue!r} is not a non-empty end of the template {self.template!r} after its text fields"
+            )
+        return self.template[: len(self.template) - len(cue)], cue
 
 
 @dataclass(frozen=True)
@@ -55,7 +73,7 @@ TASKS: dict[str, TaskSpec] = {
         ("sentence",),
         ". {sentence} . It was {mask} .",
         ("bad", "great"),
-        causal=CausalPrompt("{sentence} It was", ("bad", "great")),
+        causal=CausalPrompt("{sentence} It was", ("bad", "great"), " It was"),
     ),
     "yelp_polarity": TaskSpec(
         "yelp_polarity",
@@ -65,7 +83,7 @@ TASKS: dict[str, TaskSpec] = {
         ("text",),
         ". {text} . It was {mask} .",
         ("bad", "great"),
-        causal=CausalPrompt("{text} It was", ("bad", "great")),
+        causal=CausalPrompt("{text} It was", ("bad", "great"), " It was"),
     ),
     "ag_news": TaskSpec(
         "ag_news",
@@ -75,7 +93,7 @@ TASKS: dict[str, TaskSpec] = {
         ("text",),
         ". {mask} News: {text}",
         ("World", "Sports", "Business", "Tech"),
-        causal=CausalPrompt("Article: {text}\nTopic:", ("World", "Sports", "Business", "Tech")),
+        causal=CausalPrompt("Article: {text}\nTopic:", ("World", "Sports", "Business", "Tech"), "\nTopic:"),
     ),
     "dbpedia": TaskSpec(
         "dbpedia",
@@ -118,6 +136,7 @@ TASKS: dict[str, TaskSpec] = {
                 "film",
                 "book",
             ),
+            "\nCategory:",
         ),
     ),
     "mrpc": TaskSpec(
@@ -130,7 +149,9 @@ TASKS: dict[str, TaskSpec] = {
         ("No", "Yes"),
         metric="f1",
         causal=CausalPrompt(
-            "{sentence1}\n{sentence2}\nQuestion: Do both sentences mean the same thing? Answer:", ("No", "Yes")
+            "{sentence1}\n{sentence2}\nQuestion: Do both sentences mean the same thing? Answer:",
+            ("No", "Yes"),
+            " Answer:",
         ),
     ),
     "rte": TaskSpec(
@@ -141,7 +162,9 @@ TASKS: dict[str, TaskSpec] = {
         ("sentence1", "sentence2"),
         ". {sentence1} ? {mask} , {sentence2}",
         ("Yes", "No"),
-        causal=CausalPrompt('{sentence1}\nQuestion: Does this imply that "{sentence2}"? Answer:', ("Yes", "No")),
+        causal=CausalPrompt(
+            '{sentence1}\nQuestion: Does this imply that "{sentence2}"? Answer:', ("Yes", "No"), " Answer:"
+        ),
     ),
     "snli": TaskSpec(
         "snli",
@@ -155,6 +178,7 @@ TASKS: dict[str, TaskSpec] = {
         causal=CausalPrompt(
             '{premise}\nQuestion: Does this imply that "{hypothesis}"? Yes, no, or maybe? Answer:',
             ("Yes", "Maybe", "No"),
+            " Answer:",
         ),
     ),
     # Synthetic optimisation check (planted.py): fixed-length windows, labels planted by a hidden prompt.

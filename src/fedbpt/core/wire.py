@@ -93,6 +93,23 @@ def _finite_number(msg: dict, key: str) -> float:
     return float(v)
 
 
+COUNTS = ("queries", "eval_queries", "tokens")  # what a site's work cost in model queries and computed tokens
+
+
+def decode_counts(msg: dict) -> dict:
+    """The cost counts a site's upload carries (any of COUNTS; an older client sends none), checked: each a finite,
+    non-negative number. ``queries``: examples x candidates its search scored (clean and perturbed copies);
+    ``eval_queries``: examples x prompts it evaluated; ``tokens``: positions its model computed."""
+    out = {}
+    for key in COUNTS:
+        if key in msg:
+            value = _finite_number(msg, key)
+            if value < 0:
+                raise PayloadError(f"'{key}' is negative: {value!r}")
+            out[key] = int(value) if float(value).is_integer() else value
+    return out
+
+
 def decode_update(site: str, msg: dict, d: int, local_iter: int, bound: float = 0.0) -> ClientUpdate:
     """Validate a client's upload; raise PayloadError naming what is wrong.
 
@@ -126,6 +143,7 @@ def decode_update(site: str, msg: dict, d: int, local_iter: int, bound: float = 
     for key in ("seconds_search", "seconds_eval"):  # timings go into the run record
         if key in msg and _finite_number(msg, key) < 0:
             raise PayloadError(f"'{key}' is negative")
+    decode_counts(msg)
     return ClientUpdate(
         site, mean.astype(np.float64), fitness, sigmas.astype(np.float64), popsize, max(1, n_train), sigma_final
     )
