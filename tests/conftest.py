@@ -106,6 +106,17 @@ def nvflare_fobs():
 
 
 @pytest.fixture(scope="session")
+def planted_cache(tmp_path_factory) -> str:
+    """Where planted bundles are built, shared by every test of the run: a bundle is keyed by what decides it and
+    written with an atomic rename, so the xdist workers share this run's base folder and build each one once."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        path = tmp_path_factory.getbasetemp().parent / "planted"
+        path.mkdir(exist_ok=True)
+        return str(path)
+    return str(tmp_path_factory.mktemp("planted"))
+
+
+@pytest.fixture(scope="session")
 def shared_sst2() -> str:
     if not os.path.isfile(os.path.join(SST2, "train.jsonl")):
         pytest.skip(NO_SST2)

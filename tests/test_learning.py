@@ -56,8 +56,8 @@ def small_run(seed: int, cache: str, **overrides):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("planted"))
+def cache(planted_cache) -> str:
+    return planted_cache
 
 
 def test_planted_bundle_is_well_formed_and_deterministic(cache, tmp_path):

@@ -170,11 +170,6 @@ COLLAPSE = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def planted_cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("planted_robust"))
-
-
 def _collapse_run(aggregation: str, cache: str) -> tuple[float, float, np.ndarray]:
     """(zero-prompt train accuracy, final train accuracy, predicted-class counts of the final prompt on the union of
     the clients' training shards) of a planted run with label-skewed clients (generated text, no dataset needed)."""
