@@ -122,3 +122,12 @@ def write_json(path: str, data) -> None:
         json.dump(data, f, indent=2)
     os.replace(tmp, path)
     print(f"wrote {path}")
+
+
+def save_figure(fig, path: str) -> None:
+    """Write a benchmark's figure (its folder made if needed) and free it: matplotlib keeps open figures alive."""
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -21,6 +21,8 @@ import sys
 import time
 from types import SimpleNamespace
 
+from bench.common import save_figure
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 OBJECTIVES = ("clean loss", "Eq. 7 mean_ratio", "Eq. 7 per_example")
@@ -170,9 +172,7 @@ def plot(results: list[dict], path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

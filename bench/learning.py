@@ -23,6 +23,8 @@ import os
 import sys
 import time
 
+from bench.common import save_figure
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -439,9 +441,7 @@ def plot(records: list[dict], path: str, methods: dict, args) -> None:
     axes[1][0].set_ylabel("sigma sent to the clients (mean)")
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def communication(d: int = 500) -> str:

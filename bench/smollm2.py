@@ -27,6 +27,8 @@ import re
 import sys
 import time
 
+from bench.common import save_figure
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -291,9 +293,7 @@ def plot(data: dict, path: str) -> None:
     axes[0][0].legend(fontsize=7, loc="upper left")
     axes[1][-1].legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def report(data: dict, args) -> int:
