@@ -132,6 +132,40 @@ def test_unpadded_batch(tiny):
     assert_close(sc.label_logits(z, enc), explicit_logits(sc, z, enc, " It was"))
 
 
+def explicit_bare_logits(sc: CausalScorer, enc, cue: str) -> np.ndarray:
+    """[start] text cue, no prompt rows: the template alone, one example at a time, no cache."""
+    emb = sc.model.get_input_embeddings()
+    cue_ids = sc.tokenizer(cue, add_special_tokens=False)["input_ids"]
+    out = np.zeros((len(enc), len(sc.label_ids)), dtype=np.float32)
+    with torch.inference_mode():
+        for j, x in enumerate(enc.ids):
+            e = emb(torch.as_tensor(np.r_[[sc.start_id], x, cue_ids])[None])
+            out[j] = sc.model(inputs_embeds=e, use_cache=False).logits[0, -1, sc.label_ids].numpy()
+    return out
+
+
+def test_prompts_and_no_prompt_from_one_text_pass(tiny):
+    """The final evaluation's single pass: the candidates' logits equal label_logits, the bare ones the template alone
+    (no prompt rows), and each text is encoded once for all of them (held examples: not at all)."""
+    sc = scorer(tiny())
+    enc = sc.encode(examples(7, seed=4))
+    z = candidates(2, seed=5)
+    tokens = sc.tokens
+    logits, bare = sc.label_logits_with_bare(z, enc)
+    together = sc.tokens - tokens
+    tokens = sc.tokens
+    assert_close(logits, sc.label_logits(z, enc))
+    prompts_only = sc.tokens - tokens
+    assert together == prompts_only + len(enc) * len(sc.cue_ids)  # the bare rows add their cue, not the text again
+    new_tokens = 2 * len(enc) * (4 + len(sc.cue_ids)) + len(enc) * len(sc.cue_ids)
+    assert_close(bare, explicit_bare_logits(sc, enc, " It was"))
+    sc.hold(enc)
+    tokens = sc.tokens
+    _, held_bare = sc.label_logits_with_bare(z, enc)
+    assert sc.tokens - tokens == new_tokens
+    assert_close(held_bare, bare)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_perturbed_inputs(tiny, arch):
     """Eq. 7's objective: held clean shard plus the round's perturbed copy (held, then per call), in one set of
@@ -328,11 +362,13 @@ def test_federated_run_counts_queries_and_keeps_the_clean_shards(tiny, toy_data_
         assert (row["queries"], row["eval_queries"]) == (search, evals), row
         assert row["tokens"] > 0
     final = summary.final
-    assert final["eval_queries"] == evals and final["queries"] == 0
+    tests = sum(test for _, _, test in sizes.values())
+    final_evals = evals + tests  # the test set once more: the template alone (no prompt rows), for the verdict
+    assert final["eval_queries"] == final_evals and final["queries"] == 0
     totals = final["totals"]
-    assert totals["queries"] == 2 * search and totals["eval_queries"] == 3 * evals
+    assert totals["queries"] == 2 * search and totals["eval_queries"] == 2 * evals + final_evals
     assert totals["tokens"] == sum(r["tokens"] for r in summary.rounds) + final["tokens"]
-    assert f"queries {2 * search:,} search + {3 * evals:,} eval, tokens {totals['tokens']:,}" in lines[-1]
+    assert f"queries {2 * search:,} search + {2 * evals + final_evals:,} eval, tokens {totals['tokens']:,}" in lines[-1]
     kept = [r.getMessage() for r in caplog.records if "text keys/values kept" in r.getMessage()]
     megabytes = [float(re.search(r"kept ([0-9.e-]+) MB", m).group(1)) for m in kept if "prompt after_input" in m]
     assert len(megabytes) == 2 and min(megabytes) > 0, kept
@@ -340,6 +376,8 @@ def test_federated_run_counts_queries_and_keeps_the_clean_shards(tiny, toy_data_
     front, _, _ = run_tiny(tiny(), toy_data_dir, str(tmp_path / "b"), "front")
     assert front.final["totals"]["queries"] == totals["queries"]
     assert front.final["totals"]["tokens"] > totals["tokens"]
+    # the template alone does not depend on where the prompt would go: a bare scorer there, the cue-only pass here
+    assert front.no_prompt == summary.no_prompt and summary.no_prompt["test_n"] == tests
 
 
 # ---- SmolLM2-135M ------------------------------------------------------------------------------------------------

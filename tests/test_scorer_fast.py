@@ -190,3 +190,24 @@ def test_local_search_keeps_torch_threads_for_the_objective():
     finally:
         torch.set_num_threads(before)
     assert seen and all(n == 2 for n in seen), f"torch ran the objective on {seen} threads, not 2"
+
+
+@pytest.mark.parametrize("mode", ["add", "cat"])
+def test_no_prompt_scorer_is_the_template_alone(tiny_model_dir, mode):
+    """A scorer with no prompt tokens (the verdict's "no prompt" on masked LMs) gives the model's own mask logits for
+    the filled template: nothing inserted, no row added."""
+    from fedbpt.core.scorer import render
+
+    task = get_task("sst2")
+    sc = Scorer(tiny_model_dir, task, 0, 8, cat_or_add=mode)
+    ex = examples(5, seed=3)
+    got = sc.label_logits(np.zeros(8), sc.encode(ex))[0]
+    tok = sc.tokenizer
+    with torch.inference_mode():
+        for j, values in enumerate(ex.texts):
+            text, _ = render(task.template, task.text_columns, values, tok.mask_token)
+            ids = tok(text, return_tensors="pt")["input_ids"]
+            pos = int((ids[0] == tok.mask_token_id).nonzero()[0, 0])
+            want = sc.model(input_ids=ids).logits[0, pos, sc.label_ids].numpy()
+            np.testing.assert_allclose(got[j], want, rtol=1e-4, atol=1e-4)
+    sc.close()

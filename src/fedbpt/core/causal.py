@@ -296,7 +296,9 @@ class CausalScorer(PromptScorer):
             return out
         self.queries += c_total * n_ex
         if self.after_input:
-            return self._after_input_logits(z, enc, out)
+            with self.torch.inference_mode(), self._autocast():
+                self._after_input_logits([(self.suffix_embeds(z), out)], enc)
+            return out
         lengths = enc.lengths + self.prefix_len  # what a row holds in the cache: its own tokens and the prefix
         c_chunk = max(1, min(c_total, self.pass_tokens // int(lengths.max())))
         cached = self.kv_cache and self.prefix_len > 0
@@ -432,24 +434,39 @@ class CausalScorer(PromptScorer):
         self._held.clear()
         self._held_total = 0
 
-    def _after_input_logits(self, z: np.ndarray, enc: Encoded, out: np.ndarray) -> np.ndarray:
-        """label_logits after the input: held examples from their kept keys/values, the others encoded in chunks of
-        at most ``pass_tokens`` text tokens, each scored for every candidate and freed before the next."""
+    def label_logits_with_bare(self, z: np.ndarray, enc: Encoded) -> tuple[np.ndarray, np.ndarray | None]:
+        """After the input: label_logits(z, enc) and the template's own label logits (the cue right after the text,
+        no prompt rows), (N, num_labels), from one encoding of each text."""
+        if not self.after_input:
+            return super().label_logits_with_bare(z, enc)
+        z = np.atleast_2d(z)
+        out = np.zeros((len(z), len(enc), len(self.label_ids)), dtype=np.float32)
+        bare = np.zeros((1, len(enc), len(self.label_ids)), dtype=np.float32)
+        if len(enc):
+            self.queries += (len(z) + 1) * len(enc)
+            with self.torch.inference_mode(), self._autocast():
+                cue = self.embed(self.torch.as_tensor(self.cue_ids[None], device=self.device))
+                self._after_input_logits([(self.suffix_embeds(z), out), (cue, bare)], enc)
+        return out, bare[0]
+
+    def _after_input_logits(self, passes: list, enc: Encoded) -> None:
+        """Fill each ``out`` of ``passes`` [(new tokens (C, m, h), out (C, N, labels))] after the input: held examples
+        from their kept keys/values, the others encoded in chunks of at most ``pass_tokens`` text tokens, each chunk
+        scored for every pass and freed before the next."""
         stored = [self._held.get(x.tobytes()) for x in enc.ids]
         held = np.array([j for j, e in enumerate(stored) if e is not None and e[1] is not None], dtype=np.int64)
         rest = np.setdiff1d(np.arange(len(enc)), held)
-        with self.torch.inference_mode(), self._autocast():
-            new = self.suffix_embeds(z)
-            if len(held):
+        if len(held):
+            for new, out in passes:
                 self._score_from_text(new, enc, held, lambda j: stored[j][1], out)
-            rest = rest[np.argsort(-enc.lengths[rest], kind="stable")]
-            while len(rest):
-                room = np.cumsum(enc.lengths[rest] + self.n_start) <= self.pass_tokens
-                chunk, rest = rest[: max(1, int(room.sum()))], rest[max(1, int(room.sum())) :]
-                kv = self._text_kv(enc, chunk)
+        rest = rest[np.argsort(-enc.lengths[rest], kind="stable")]
+        while len(rest):
+            room = np.cumsum(enc.lengths[rest] + self.n_start) <= self.pass_tokens
+            chunk, rest = rest[: max(1, int(room.sum()))], rest[max(1, int(room.sum())) :]
+            kv = self._text_kv(enc, chunk)
+            for new, out in passes:
                 self._score_from_text(new, enc, chunk, kv.__getitem__, out)
-                del kv
-        return out
+            del kv
 
     def _score_from_text(self, new, enc: Encoded, idx: np.ndarray, text_kv, out: np.ndarray) -> None:
         """Run the new tokens ``new`` (C, m, h) of every candidate on the examples ``idx``, attending to their

@@ -74,9 +74,8 @@ class SiteRuntime:
         self.train = self.scorer.encode(data.train)
         self.dev = self.scorer.encode(data.dev)
         self.is_eval_client = site in cfg["eval_clients"].split(",")
-        self.test = (
-            self.scorer.encode(load_split(self.task, self.task.test_split, data_dir)) if self.is_eval_client else None
-        )
+        self.test_examples = load_split(self.task, self.task.test_split, data_dir) if self.is_eval_client else None
+        self.test = self.scorer.encode(self.test_examples) if self.is_eval_client else None
         # after the input: the clean shards' text keys/values, computed once and kept for the run (bounded)
         held = self.scorer.hold(self.train) + self.scorer.hold(self.dev)
         log.info(
@@ -124,18 +123,40 @@ class SiteRuntime:
         return out
 
     def final_evaluate(self, msg: dict) -> dict:
-        """The final prompt on train, dev and test; with --test_eval end also the best-dev prompt on test."""
+        """The final prompt on train, dev and test; on the test set also the best-dev prompt (--test_eval end) and
+        the template alone with no prompt rows (what tuning is measured against), from one pass where the
+        placement allows."""
         final = np.asarray(msg["state"]["mean"], dtype=np.float64)
         tokens = self.scorer.tokens
-        out = self.evaluate(final, with_dev=True)
-        if "best_mean" in msg and self.test is not None:
-            best = np.asarray(msg["best_mean"], dtype=np.float64)
-            if np.array_equal(best, final):  # the last round's prompt is the best: its test scores are already here
-                out.update({f"best_{k}": v for k, v in out.items() if k.startswith("test_")})
-            else:
-                self._eval(best, "best_test", self.test, out)
+        out = self.evaluate(final, with_dev=True, with_test=False)
+        if self.test is not None:
+            zs = [final]
+            best = np.asarray(msg["best_mean"], dtype=np.float64) if "best_mean" in msg else None
+            if best is not None and not np.array_equal(best, final):
+                zs.append(best)
+            logits, bare = self.scorer.label_logits_with_bare(np.stack(zs), self.test)
+            if bare is None:
+                bare = self._bare_logits(self.test_examples)
+            loss_type = self.cfg["loss_type"]
+            named = [("test", logits[0])] + ([("best_test", logits[-1])] if best is not None else [])
+            for name, lg in named + [("no_prompt_test", bare)]:
+                r = evaluate(lambda z, enc, lg=lg: lg[None], final, self.test, loss_type)
+                out[f"{name}_loss"], out[f"{name}_n"], out[f"{name}_confusion"] = r["loss"], r["n"], r["confusion"]
+            out["eval_queries"] = out.get("eval_queries", 0) + len(self.test) * (len(zs) + 1)
         out["tokens"] = self.scorer.tokens - tokens
         return out
+
+    def _bare_logits(self, examples) -> np.ndarray:
+        """The test set's label logits from the template alone (a scorer with no prompt tokens on the same model)."""
+        cfg = dict(self.cfg, n_prompt_tokens=0)
+        bare = build_scorer(cfg, resolve_model(cfg["model_name"]), self.task, str(self.scorer.device))
+        try:
+            enc = bare.encode(examples)
+            logits = bare.label_logits(np.zeros(cfg["intrinsic_dim"]), enc)[0]
+            self.scorer.tokens += bare.tokens
+        finally:
+            bare.close()
+        return logits
 
     def run_round(self, state_msg: dict, with_eval: bool, should_stop=None) -> dict:
         """Evaluate the received global mean, then run the local search; returns the upload."""

@@ -333,6 +333,11 @@ class PromptScorer:
         """Bytes kept by :meth:`hold`."""
         return 0
 
+    def label_logits_with_bare(self, z: np.ndarray, enc: Encoded) -> tuple[np.ndarray, np.ndarray | None]:
+        """label_logits(z, enc) and, where the placement lets one pass give it, the template's own label logits with
+        no prompt rows (N, num_labels); None here: a scorer built with no prompt tokens gives them."""
+        return self.label_logits(z, enc), None
+
     def prompts(self, z: np.ndarray):
         """(C, d) -> (C, n, h) prompt embeddings A z."""
         t = self.torch.as_tensor(np.atleast_2d(z), dtype=self.torch.float32, device=self.device)

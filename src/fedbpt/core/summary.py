@@ -58,6 +58,7 @@ class RunSummary:
         self.best: dict = {"round": None, "dev_acc": None, "dev_loss": None, "test_acc": None}
         self.best_z: np.ndarray | None = None
         self.final: dict | None = None
+        self.no_prompt: dict | None = None  # the template alone on the test set: what tuning is measured against
         self.final_z: np.ndarray | None = None
         self.status = "running"
         self.reason: str | None = None
@@ -101,6 +102,10 @@ class RunSummary:
         best_test, _ = pooled(evals, "best_test", self.metric)  # --test_eval end: the best-dev prompt's test score
         if best_test is not None and self.best["round"] is not None:
             self.best["test_acc"] = best_test
+        no_prompt, _ = pooled(evals, "no_prompt_test", self.metric)
+        if no_prompt is not None:
+            n = sum(int(e["no_prompt_test_n"]) for e in evals.values() if "no_prompt_test_n" in e)
+            self.no_prompt = {"test_acc": no_prompt, "test_n": n}
         self.final = row
         self.final_z = np.array(z, dtype=np.float64)
         self._consider_best(row, z)
@@ -157,6 +162,8 @@ class RunSummary:
             "final": self.final,
             "prompt": meta,
         }
+        if self.no_prompt is not None:
+            out["no_prompt"] = dict(self.no_prompt)
         if self.reason:
             out["reason"] = self.reason
         if self.best_z is not None:
@@ -174,6 +181,19 @@ class RunSummary:
         path = os.path.join(out_dir, SUMMARY_FILE)
         atomic_write(path, strict_json(self.to_dict()).encode())
         return path
+
+
+def verdict(record: dict) -> str | None:
+    """One line comparing the best-dev prompt with no prompt on the test set (a summary dict), or None without both."""
+    no_prompt, best = record.get("no_prompt"), record.get("best") or {}
+    if not no_prompt or no_prompt.get("test_acc") is None or best.get("test_acc") is None:
+        return None
+    name = "accuracy" if record.get("metric") == "acc" else record.get("metric")
+    before, after = 100 * no_prompt["test_acc"], 100 * best["test_acc"]
+    return (
+        f"test {name}: no prompt {before:.1f}% -> tuned prompt {after:.1f}% ({after - before:+.1f} points, "
+        f"{no_prompt['test_n']} examples; the best-dev prompt, round {best['round']})"
+    )
 
 
 def _empty(value, required: bool) -> bool:

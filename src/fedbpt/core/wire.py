@@ -149,7 +149,8 @@ def decode_update(site: str, msg: dict, d: int, local_iter: int, bound: float = 
     )
 
 
-EVAL_SPLITS = ("train", "dev", "test", "best_test")  # best_test: the best-dev prompt, final evaluation only
+# final evaluation only: best_test (the best-dev prompt), no_prompt_test (the template alone, no prompt rows)
+EVAL_SPLITS = ("train", "dev", "test", "best_test", "no_prompt_test")
 MAX_COUNT = 2**53  # summed over sites in int64 and divided in float64: counts stay exact far below overflow
 
 
