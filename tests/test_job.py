@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from fedbpt.core.client import RuntimePool
 from fedbpt.core.config import resolve
 from fedbpt.core.federation import run_in_process
 from fedbpt.core.preflight import prepare_config
+from fedbpt.core.summary import verdict
 
 SMALL = [
     "--model_name",
@@ -47,7 +49,7 @@ def finish(proc: subprocess.Popen, ws: Path):
             proc.wait()
     assert proc.returncode == 0, (stdout + stderr)[-4000:]
     with open(ws / "fedbpt_summary.json") as f:
-        return json.load(f), ws, stdout + stderr
+        return json.load(f), ws, stdout, stderr
 
 
 def simulate(tmp_path, data_dir, *args):
@@ -77,7 +79,7 @@ def fobs_bytes_down(fobs, rnd: int, d: int, cov_mode: str) -> int:
 
 
 def test_simulator_run_writes_a_complete_summary(three_clients, nvflare_fobs):
-    summary, ws, log = three_clients
+    summary, ws, log, _ = three_clients
     assert summary["status"] == "completed"
     rounds = summary["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
@@ -121,9 +123,45 @@ def test_simulator_run_writes_a_complete_summary(three_clients, nvflare_fobs):
     ).is_dir()  # TensorBoard scalars through NVFlare analytics
 
 
+# Every line job.py's console may show without --verbose, and NVFlare's per-task chatter that it must not
+PROJECT_LINE = re.compile(
+    r"note: .*|running \d+ sites x \d+ rounds in the NVFlare simulator; NVFlare's messages: .*"
+    r"|(setup|round \d+|final evaluation): sites done \d+/\d+|round \d+/\d+ \| .*|final \(\d+ rounds\) \| .*"
+    r"|best round by dev acc: .*|summary: .*|test accuracy: .*|log: .*|curves: .*"
+)
+CHATTER = ("Finished one task run", "ClientTaskWorker started", "Initialize ClientRunner", "End the Simulator run")
+
+
+def test_the_console_shows_the_run_and_the_log_file_nvflare(three_clients):
+    summary, ws, out, err = three_clients
+    lines = out.strip().splitlines()
+    assert [line for line in lines if not PROJECT_LINE.fullmatch(line)] == [], out
+    assert not any(chatter in out + err for chatter in CHATTER), out + err
+    assert not re.search(r"\d\.\d{5,}", out)  # every accuracy rounded
+    for r in summary["rounds"]:
+        assert sum(line.startswith(f"round {r['round']}/3 | ") for line in lines) == 1  # one progress line each
+    assert sum(line.startswith("final (3 rounds) | ") for line in lines) == 1
+    line = verdict(summary)
+    assert (
+        line is not None and lines.index(line) == lines.index(f"summary: {ws / 'fedbpt_summary.json'} (completed)") + 1
+    )
+    assert lines[-2].startswith(f"log: {ws / 'fedbpt_log.txt'} ")
+    assert lines[-1] == f"curves: {ws / 'fedbpt_curves.png'}"
+    log = (ws / "fedbpt_log.txt").read_text()
+    assert all(chatter in log for chatter in CHATTER), log[-3000:]
+    assert "round 2/3 | " in log and line in log  # the controller's lines too
+    png = ws / "fedbpt_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(png) as im:
+        im.verify()
+        assert im.size[0] > 800
+
+
 def test_the_simulator_and_the_in_process_runner_agree(three_clients, toy_data_dir, tmp_path):
     """The NVFlare classes are glue only: the same config gives the same prompt without NVFlare."""
-    summary, ws, _ = three_clients
+    summary, ws, _, _ = three_clients
     cfg = prepare_config(
         resolve(
             [
@@ -151,12 +189,16 @@ def test_the_simulator_and_the_in_process_runner_agree(three_clients, toy_data_d
 
 
 def test_fewer_threads_than_clients_gives_the_same_run(tmp_path, toy_data_dir):
-    """With --threads 1 every task runs in a fresh process: nothing may depend on executor state."""
+    """With --threads 1 every task runs in a fresh process: nothing may depend on executor state. That run is also
+    --verbose: NVFlare's messages on the console, the same results."""
     args = ["--num_clients", "2", "--num_rounds", "2"]
     # both at once: the runs are independent, and much of a run is spent starting processes and polling
-    runs = [launch(tmp_path / f"t{n}", toy_data_dir, *args, "--threads", str(n)) for n in (1, 2)]
+    runs = [
+        launch(tmp_path / f"t{n}", toy_data_dir, *args, "--threads", str(n), *(["--verbose"] if n == 1 else []))
+        for n in (1, 2)
+    ]
     try:
-        (one, ws1, _), (two, ws2, _) = (finish(*run) for run in runs)
+        (one, ws1, out1, _), (two, ws2, out2, _) = (finish(*run) for run in runs)
     finally:
         for proc, _ in runs:
             if proc.poll() is None:
@@ -165,6 +207,8 @@ def test_fewer_threads_than_clients_gives_the_same_run(tmp_path, toy_data_dir):
     assert one["status"] == two["status"] == "completed"
     np.testing.assert_array_equal(np.load(ws1 / "prompt_final.npy"), np.load(ws2 / "prompt_final.npy"))
     assert [r["dev_acc"] for r in one["rounds"]] == [r["dev_acc"] for r in two["rounds"]]
+    assert "- INFO - Finished one task run" in out1 and "round 1/2 | " in out1
+    assert "Finished one task run" not in out2 and out2.strip().splitlines()[-1].startswith("curves: ")
 
 
 def test_job_py_export_names_the_job_folder(tmp_path):

@@ -5,7 +5,9 @@
     fedbpt --export --export-dir ./jobs                   # job folder for `nvflare job submit`
 
 Flags keep the reference example's names. Everything is checked before a process starts; bad input is one line
-(``error: ...``) and exit 2.
+(``error: ...``) and exit 2. A run's console shows the project's lines (notes, a progress line per round, sites done
+in a slow round, the result) and every warning and error; NVFlare's messages go to ``W/fedbpt_log.txt``
+(``--verbose``: to the console too). The run ends with its summary, its verdict, the log's and the curves' paths.
 """
 
 from __future__ import annotations
@@ -46,6 +48,38 @@ def _export(cfg: dict, fault_plan: str | None) -> int:
     return 0
 
 
+def _draw_curves(record: dict, workspace: str) -> str | None:
+    """W/fedbpt_curves.png from the run's summary, or None with a warning: a plot never fails a run."""
+    from fedbpt.cli import curves
+
+    if not record.get("rounds"):  # stopped before its first round: nothing to draw, and the error says why
+        return None
+    path = os.path.join(workspace, curves.CURVES_FILE)
+    try:
+        return curves.write(record, path)
+    except ImportError as exc:
+        why = f"{exc.name or 'matplotlib'} is not installed (pip install matplotlib)"
+    except Exception as exc:  # a summary it cannot read, a full disk, a matplotlib error: all the same here
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no message'}"
+    print(f"warning: no curves drawn ({why})", file=sys.stderr)
+    return None
+
+
+def _result_lines(record: dict, workspace: str, curves_path: str | None) -> list[str]:
+    """The console's last lines: summary, verdict, where NVFlare's log is, and (last) the curves."""
+    from fedbpt.cli.console import LOG_FILE
+    from fedbpt.core.summary import SUMMARY_FILE, verdict
+
+    lines = [f"summary: {os.path.join(workspace, SUMMARY_FILE)} ({record['status']})"]
+    line = verdict(record)
+    if line:
+        lines.append(line)
+    lines.append(f"log: {os.path.join(workspace, LOG_FILE)} (every process, NVFlare's messages included)")
+    if curves_path:
+        lines.append(f"curves: {curves_path}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     from fedbpt.core.config import resolve
 
@@ -80,12 +114,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted before the run started; nothing was run", file=sys.stderr)
         return 130
+    from fedbpt.cli import simulate
+    from fedbpt.cli.console import LOG_FILE
+
+    log = os.path.join(cfg["workspace"], LOG_FILE)
     for note in notes:
         print(note)
-    from fedbpt.cli import simulate
-
+    where = f"here and in {log}" if cfg["verbose"] else f"{log} (--verbose: here too)"
+    n, rounds = cfg["num_clients"], cfg["num_rounds"]
+    print(f"running {n} sites x {rounds} rounds in the NVFlare simulator; NVFlare's messages: {where}")
+    sys.stdout.flush()  # before the simulator's processes write to the same console
     rc, record = simulate.run(recipe, cfg, argv)
-    print(f"summary: {os.path.join(cfg['workspace'], 'fedbpt_summary.json')} ({record['status']})")
+    curves_path = _draw_curves(record, cfg["workspace"])
+    print("\n".join(_result_lines(record, cfg["workspace"], curves_path)), flush=True)
     if record["status"] != "completed":
         hint = f"; continue with: {record['resume']}" if record.get("resume") else " (no checkpoint to resume from)"
         print(f"error: the run stopped: {record.get('reason', 'see the server log')}{hint}", file=sys.stderr)

@@ -15,7 +15,9 @@ import os
 import shlex
 import signal
 import sys
+import tempfile
 
+from fedbpt.cli.console import LOG_FILE, write_log_config
 from fedbpt.cli.workspace import collect, simulator_dir
 from fedbpt.core.checkpoint import load
 from fedbpt.core.summary import SUMMARY_FILE, atomic_write, strict_json
@@ -127,7 +129,10 @@ def finish_summary(workspace: str, argv: list[str], resume: str | None, reason: 
 
 
 def run(recipe, cfg: dict, argv: list[str]) -> tuple[int, dict]:
-    """Run ``recipe``'s job in the simulator under ``W/nvflare``; returns (exit code, summary record)."""
+    """Run ``recipe``'s job in the simulator under ``W/nvflare``; returns (exit code, summary record).
+
+    The console shows the project's lines, warnings and errors; every process's log goes to ``W/fedbpt_log.txt``
+    (fedbpt.cli.console); ``cfg["verbose"]`` shows NVFlare's messages on the console too."""
     workspace = cfg["workspace"]
     interrupted: list[str] = []
 
@@ -141,13 +146,15 @@ def run(recipe, cfg: dict, argv: list[str]) -> tuple[int, dict]:
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     rc = 1
     try:
-        with recipe.simulator_polling() as job:
+        # outside W/nvflare, which the simulator wipes before its clients read the file
+        with recipe.simulator_polling() as job, tempfile.TemporaryDirectory(prefix="fedbpt-log-") as tmp:
+            log_config = write_log_config(tmp, os.path.join(workspace, LOG_FILE), bool(cfg.get("verbose")))
             rc = job.simulator_run(
                 simulator_dir(workspace),
                 n_clients=cfg["num_clients"],
                 threads=cfg["threads"],
                 gpu=cfg["gpu"],
-                log_config="concise",
+                log_config=log_config,
             )
     except Exception as exc:  # the launcher itself failed: still stop the run and say so
         interrupted.append(f"launcher error {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")

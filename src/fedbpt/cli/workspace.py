@@ -8,6 +8,7 @@ Layout of ``--workspace W``::
     W/fedbpt_summary.json    this run's results, copied out of W/nvflare when the run ends, or written by the
     W/prompt_*.npy           launcher when the run failed or was interrupted
     W/fedbpt_checkpoint.npz
+    W/fedbpt_log.txt         every process's log (NVFlare's messages); W/fedbpt_curves.png: the run's curves
     W/previous/              the previous run's results, moved here (with a note) when a new run starts
 
 The simulator deletes its whole workspace before it starts; giving it ``W/nvflare`` instead of ``W`` is what keeps a
@@ -20,6 +21,8 @@ import glob
 import os
 import shutil
 
+from fedbpt.cli.console import LOG_FILE
+from fedbpt.cli.curves import CURVES_FILE
 from fedbpt.core.checkpoint import CHECKPOINT_FILE
 from fedbpt.core.summary import SUMMARY_FILE
 from fedbpt.errors import ConfigError
@@ -27,8 +30,10 @@ from fedbpt.errors import ConfigError
 MARKER = ".fedbpt-workspace"
 SIM_DIR = "nvflare"
 PREVIOUS_DIR = "previous"
-RESULT_FILES = (SUMMARY_FILE, "prompt_best.npy", "prompt_final.npy", CHECKPOINT_FILE)
-OWN_ENTRIES = {MARKER, SIM_DIR, "models", PREVIOUS_DIR, *RESULT_FILES}
+RESULT_FILES = (SUMMARY_FILE, "prompt_best.npy", "prompt_final.npy", CHECKPOINT_FILE)  # copied from the server
+LAUNCHER_FILES = (LOG_FILE, CURVES_FILE)  # written in W by the launcher and the run's processes
+RUN_FILES = RESULT_FILES + LAUNCHER_FILES  # what a new run moves to W/previous/
+OWN_ENTRIES = {MARKER, SIM_DIR, "models", PREVIOUS_DIR, *RUN_FILES}
 
 
 def simulator_dir(workspace: str) -> str:
@@ -84,11 +89,11 @@ def prepare(workspace: str, resume: str | None) -> tuple[str | None, list[str]]:
     with open(os.path.join(workspace, MARKER), "w") as f:
         f.write("made by fedbpt job.py; W/nvflare is wiped at every run, W/previous holds the run before\n")
     notes = []
-    found = [n for n in RESULT_FILES if os.path.isfile(os.path.join(workspace, n))]
+    found = [n for n in RUN_FILES if os.path.isfile(os.path.join(workspace, n))]
     if found:
         prev = os.path.join(workspace, PREVIOUS_DIR)
         if os.path.isdir(prev):
-            for name in RESULT_FILES:  # only what an earlier move put there
+            for name in RUN_FILES:  # only what an earlier move put there
                 if os.path.isfile(os.path.join(prev, name)):
                     os.remove(os.path.join(prev, name))
         os.makedirs(prev, exist_ok=True)

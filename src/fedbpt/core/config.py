@@ -26,6 +26,7 @@ DEFAULTS: dict = {
     "workspace": "/tmp/nvflare/fedbpt",
     "threads": None,
     "gpu": None,
+    "verbose": False,
     "export": False,
     "export_dir": "./jobs",
     "sigma": 1.0,
@@ -82,6 +83,8 @@ HELP = {
     "workspace": "simulator workspace; the summary is written to WORKSPACE/fedbpt_summary.json",
     "threads": "simulator client processes run at once (default: num_clients)",
     "gpu": "simulator GPU ids, e.g. '0,1': clients are spread over them",
+    "verbose": "show NVFlare's own messages on the console too (they always go to WORKSPACE/fedbpt_log.txt; its "
+    "warnings and errors are shown either way)",
     "export": "write the job folder to --export-dir instead of running the simulator",
     "export_dir": "where --export writes <job_name>/",
     "sigma": "initial CMA-ES step size sigma0 (also scales the projection A)",
@@ -153,6 +156,7 @@ CHOICES = {
     "test_eval": ("rounds", "end"),
 }
 BOOL_01 = ("iid", "perturb")
+FLAGS = ("export", "verbose")  # booleans that are plain switches on the command line
 SERVER_ES = ("fedbpt", "fedbpt_robust")  # aggregations with a server CMA-ES: checkpointed, resumable
 
 
@@ -178,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=argparse.SUPPRESS, help=HELP["config"])
     for key, default in DEFAULTS.items():
         kw: dict = {"dest": key, "default": argparse.SUPPRESS, "help": f"{HELP[key]} (default: {default})"}
-        if key == "export":
+        if key in FLAGS:
             kw["action"] = "store_true"
         elif key in BOOL_01:
             kw["type"] = int
@@ -198,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 NULLABLE = ("min_clients", "threads", "gpu", "data_dir", "device", "model_cache_dir", "resume")
-BOOL_KEYS = ("iid", "perturb", "export")
+BOOL_KEYS = ("iid", "perturb", *FLAGS)
 INT_KEYS = tuple(k for k, v in DEFAULTS.items() if type(v) is int) + ("min_clients", "threads")
 FLOAT_KEYS = tuple(k for k, v in DEFAULTS.items() if type(v) is float)
 MAX_SEED = 2**63 - 1  # torch.Generator().manual_seed takes 64 bits; seed + 2 must still fit
@@ -217,8 +221,8 @@ def coerce(key: str, value, where: str = ""):
     """``value`` of option ``key`` checked against the type of its default, or a ConfigError naming the flag.
 
     Integers accept an integral float (3.0 -> 3, never 2.7 -> 2), not a boolean; floats accept integers; booleans
-    (--iid, --perturb, --export) accept true/false and 0/1 only; everything else is a string. Only the NULLABLE
-    options may be null. ``where`` says where the value came from (e.g. the config file).
+    (--iid, --perturb, --export, --verbose) accept true/false and 0/1 only; everything else is a string. Only the
+    NULLABLE options may be null. ``where`` says where the value came from (e.g. the config file).
     """
     suffix = f" ({where})" if where else ""
     flag = _flag(key)
@@ -526,7 +530,8 @@ def clients_per_round(cfg: dict) -> int:
 
 
 # The options a site needs to run its part (everything except how the simulator itself is driven).
-RUN_KEYS = tuple(k for k in DEFAULTS if k not in ("workspace", "threads", "gpu", "export", "export_dir"))
+LAUNCHER_KEYS = ("workspace", "threads", "gpu", "verbose", "export", "export_dir")
+RUN_KEYS = tuple(k for k in DEFAULTS if k not in LAUNCHER_KEYS)
 
 
 def run_config(cfg: dict) -> dict:

@@ -18,6 +18,9 @@ from fedbpt.core.config import prompt_placement
 from fedbpt.core.scorer import metric_from_confusion
 
 SUMMARY_FILE = "fedbpt_summary.json"
+# The logger of the lines a person follows a run by (progress, sites done, best round): job.py's console shows this
+# logger's INFO records and everyone's warnings and errors, nothing else (fedbpt.cli.console)
+CONSOLE_LOGGER = "fedbpt.console"
 
 
 def pooled(evals: dict, split: str, metric: str) -> tuple[float | None, float | None]:
@@ -124,8 +127,8 @@ class RunSummary:
         self.status, self.reason = "failed", reason
 
     def progress_line(self, row: dict) -> str:
-        def f(v, fmt=".4f"):
-            return "-" if v is None else format(v, fmt)
+        """One round (or the final evaluation) on one line, every number rounded for reading."""
+        f = _rounded
 
         total = self.config["num_rounds"]
         head = f"round {row['round']}/{total}" if row["round"] < total else f"final ({total} rounds)"
@@ -146,6 +149,14 @@ class RunSummary:
             t = row["totals"]
             parts.append(f"queries {t['queries']:,} search + {t['eval_queries']:,} eval, tokens {t['tokens']:,}")
         return " | ".join(parts)
+
+    def best_line(self) -> str:
+        """The prompt chosen by dev, rounded as the progress lines are."""
+        best = self.best
+        return (
+            f"best round by dev {self.metric}: {'-' if best['round'] is None else best['round']} "
+            f"(dev {_rounded(best['dev_acc'])}, test {_rounded(best['test_acc'])})"
+        )
 
     def to_dict(self) -> dict:
         meta = {
@@ -194,6 +205,10 @@ def verdict(record: dict) -> str | None:
         f"test {name}: no prompt {before:.1f}% -> tuned prompt {after:.1f}% ({after - before:+.1f} points, "
         f"{no_prompt['test_n']} examples; the best-dev prompt, round {best['round']})"
     )
+
+
+def _rounded(value, fmt: str = ".4f") -> str:
+    return "-" if value is None else format(value, fmt)
 
 
 def _empty(value, required: bool) -> bool:

@@ -1,9 +1,19 @@
-"""NVFlare controller: moves the Federation's messages to the sites and their answers back."""
+"""NVFlare controller: moves the Federation's messages to the sites and their answers back.
+
+What a person follows a run by (a progress line per round, sites done in a slow round, the best round) goes to the
+``fedbpt.console`` logger; everything else to the controller's own logger, which job.py keeps off its console.
+"""
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from collections.abc import Callable
+
 import numpy as np
 from nvflare.apis.analytix import AnalyticsDataType
+from nvflare.apis.controller_spec import ClientTask
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
@@ -14,10 +24,43 @@ from nvflare.fuel.utils import fobs
 
 from fedbpt.core.checkpoint import after_round, open_run
 from fedbpt.core.federation import Federation
+from fedbpt.core.summary import CONSOLE_LOGGER, verdict
 from fedbpt.core.wire import ERROR_HEADER, TASK_EVAL, TASK_ROUND, TASK_SETUP
 from fedbpt.errors import CheckpointError, TooFewClients
 
 SCALARS = ("dev_acc", "test_acc", "train_acc", "train_loss", "sigma", "best_fitness")
+SLOW_SECONDS = 20.0  # a broadcast running longer than this reports each answer as it arrives
+console = logging.getLogger(CONSOLE_LOGGER)
+
+
+class Arrivals:
+    """NVFlare's ``result_received_cb`` for one broadcast: counts the sites' answers and, once the broadcast has run
+    longer than ``slow_after`` seconds, reports each one (``round 3: sites done 2/4``), so that a long round does not
+    look like a hung one. Never raises: an exception here would fail the task in NVFlare."""
+
+    def __init__(
+        self,
+        label: str,
+        expected: int,
+        slow_after: float = SLOW_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+        report: Callable[[str], None] = console.info,
+    ) -> None:
+        self.label, self.expected, self.slow_after = label, expected, slow_after
+        self.clock, self.report = clock, report
+        self.start = clock()
+        self.done = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, client_task: ClientTask | None = None, fl_ctx: FLContext | None = None) -> None:
+        try:
+            with self._lock:
+                self.done += 1
+                done = self.done
+            if self.clock() - self.start > self.slow_after:
+                self.report(f"{self.label}: sites done {done}/{self.expected}")
+        except Exception:  # a report that failed must not fail the site's task
+            pass
 
 
 class FedBPTController(Controller):
@@ -45,18 +88,26 @@ class FedBPTController(Controller):
             self.log_info(fl_ctx, f"{client.name} is back: later rounds wait for it again")
 
     def _broadcast(
-        self, name: str, msg: dict, targets: list[str], fl_ctx: FLContext, abort_signal: Signal, timeout: int = -1
+        self,
+        name: str,
+        msg: dict,
+        targets: list[str],
+        fl_ctx: FLContext,
+        abort_signal: Signal,
+        timeout: int = -1,
+        label: str = "",
     ):
         """Send ``msg`` to ``targets``; return (site -> payload, bytes sent per site, site -> bytes received).
 
         Waits for every target except lost ones (which missed an earlier deadline), at most ``timeout`` seconds
         (default --round_timeout). Byte counts are the FOBS-serialised Shareables, i.e. what NVFlare puts on the
-        wire before framing.
+        wire before framing. ``label`` names the broadcast in the sites-done lines of a slow one.
         """
         shareable = DXO(data_kind=DataKind.COLLECTION, data=msg).to_shareable()
         bytes_down = len(fobs.dumps(shareable))
         timeout = int(self.config["round_timeout"]) if timeout < 0 else timeout
-        task = Task(name=name, data=shareable, timeout=timeout)
+        arrivals = Arrivals(label or name, len(targets))
+        task = Task(name=name, data=shareable, timeout=timeout, result_received_cb=arrivals)
         self.broadcast_and_wait(
             task,
             fl_ctx,
@@ -129,7 +180,9 @@ class FedBPTController(Controller):
             self._stop(fl_ctx, str(exc))
             return
         # Sites load data and model before the first round, so --round_timeout measures rounds, not setup.
-        ready, _, _ = self._broadcast(TASK_SETUP, {"setup": 1}, fed.sites, fl_ctx, abort_signal, timeout=0)
+        ready, _, _ = self._broadcast(
+            TASK_SETUP, {"setup": 1}, fed.sites, fl_ctx, abort_signal, timeout=0, label="setup"
+        )
         failed = set(fed.sites) - set(ready)
         if len(ready) < self.config["min_clients"]:
             self._stop(
@@ -146,7 +199,9 @@ class FedBPTController(Controller):
                 self._stop(fl_ctx, f"aborted before round {rnd}", panic=False)
                 return
             targets, msg = fed.start_round(rnd)
-            results, bytes_down, bytes_up = self._broadcast(TASK_ROUND, msg, targets, fl_ctx, abort_signal)
+            results, bytes_down, bytes_up = self._broadcast(
+                TASK_ROUND, msg, targets, fl_ctx, abort_signal, label=f"round {rnd}"
+            )
             if abort_signal.triggered:
                 self._stop(fl_ctx, f"aborted during round {rnd}", panic=False)
                 return
@@ -156,16 +211,17 @@ class FedBPTController(Controller):
                 self._stop(fl_ctx, str(exc))
                 return
             after_round(fed, rnd, self.out_dir)
-            self.log_info(fl_ctx, fed.summary.progress_line(row))
+            console.info(fed.summary.progress_line(row))
             self._log_scalars(fl_ctx, rnd, row)
-        results, _, _ = self._broadcast(TASK_EVAL, fed.final_message(), fed.sites, fl_ctx, abort_signal)
+        results, _, _ = self._broadcast(
+            TASK_EVAL, fed.final_message(), fed.sites, fl_ctx, abort_signal, label="final evaluation"
+        )
         row = fed.finish(results)
-        self.log_info(fl_ctx, fed.summary.progress_line(row))
+        console.info(fed.summary.progress_line(row))
         self._log_scalars(fl_ctx, self.config["num_rounds"], row)
         path = fed.summary.write(self.out_dir)
-        best = fed.summary.best
-        self.log_info(
-            fl_ctx,
-            f"summary written to {path}; best round by dev {fed.summary.metric}: {best['round']} "
-            f"(dev {best['dev_acc']}, test {best['test_acc']})",
-        )
+        self.log_info(fl_ctx, f"summary written to {path}")
+        console.info(fed.summary.best_line())
+        line = verdict(fed.summary.to_dict())
+        if line:  # job.py prints it after the summary's path; a deployment's server log has it here
+            self.log_info(fl_ctx, line)
