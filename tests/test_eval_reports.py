@@ -182,13 +182,28 @@ def test_a_hostile_report_counts_against_min_clients():
     assert fed.summary.status == "failed" and "site-2" in fed.summary.reason
 
 
-def test_negative_timing_rejects_the_upload():
+@pytest.mark.parametrize("key", ["seconds_eval", "setup_seconds", "import_seconds"])
+@pytest.mark.parametrize("value", [-5.0, float("nan"), "1.0", True])
+def test_a_bad_timing_rejects_the_upload(key, value):
     fed = Federation(make_cfg(min_clients=1), SITES)
     targets, _ = fed.start_round(0)
     bad = upload("site-1", fed._state.mean, report())
-    bad["seconds_eval"] = -5.0
+    bad[key] = value
     row = fed.finish_round(0, targets, {"site-1": bad, "site-2": upload("site-2", fed._state.mean, report())})
     assert row["clients"] == ["site-2"]
+
+
+def test_setup_and_import_seconds_reach_the_round_row():
+    """Per site, beside client_seconds; a site that sends none (it reused its runtime, or an older client) has 0."""
+    fed = Federation(make_cfg(), SITES)
+    targets, _ = fed.start_round(0)
+    results = {s: upload(s, fed._state.mean, report()) for s in targets}
+    results["site-1"].update(setup_seconds=2.5, import_seconds=4)
+    results["site-2"].update(setup_seconds=0.0, import_seconds=0.0)
+    row = fed.finish_round(0, targets, results)
+    assert row["setup_seconds"] == {"site-1": 2.5, "site-2": 0.0, "site-3": 0.0}
+    assert row["import_seconds"] == {"site-1": 4.0, "site-2": 0.0, "site-3": 0.0}
+    assert row["client_seconds"] == {"site-1": 1.5, "site-2": 1.5, "site-3": 1.5}  # set-up is not model work
 
 
 def test_final_evaluation_drops_a_bad_report(caplog):

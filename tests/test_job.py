@@ -208,6 +208,15 @@ def test_fewer_threads_than_clients_gives_the_same_run(tmp_path, toy_data_dir):
     np.testing.assert_array_equal(np.load(ws1 / "prompt_final.npy"), np.load(ws2 / "prompt_final.npy"))
     assert [r["dev_acc"] for r in one["rounds"]] == [r["dev_acc"] for r in two["rounds"]]
     assert "- INFO - Finished one task run" in out1 and "round 1/2 | " in out1
+    for run in (one, two):
+        assert all(set(r["setup_seconds"]) == set(r["import_seconds"]) == {"site-1", "site-2"} for r in run["rounds"])
+    # --threads 1: each task's fresh process sets the site up again, from its own set-up cache (written once)
+    assert all(v > 0 for r in one["rounds"] for v in r["setup_seconds"].values())
+    assert all(v == 0 for r in two["rounds"] for v in r["setup_seconds"].values())  # built by the setup task
+    metas = sorted(ws1.rglob("fedbpt_setup/site-*/*/meta.json"))
+    assert [m.parent.parent.name for m in metas] == ["site-1", "site-2"]
+    assert all(m.parent.parent.parent.parent.name == m.parent.parent.name for m in metas)  # in the site's workspace
+    assert "set-up cache read" in "".join(p.read_text(errors="replace") for p in ws1.rglob("*log.txt"))
     assert "Finished one task run" not in out2 and out2.strip().splitlines()[-1].startswith("curves: ")
 
 

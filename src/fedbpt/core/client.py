@@ -2,14 +2,18 @@
 
 The NVFlare executor is a thin wrapper around :class:`SiteRuntime`. A runtime is cached per process and keyed
 by (config, site): the simulator recreates executors between tasks when it runs fewer threads than clients, and
-everything here can be rebuilt from the config and the site name alone.
+everything here can be rebuilt from the config and the site name alone. With fewer threads than clients it also
+runs every task in a fresh process; what the site derived is then read back from its set-up cache on disk
+(core.sitecache) instead of being rebuilt.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
+import sys
 import time
 
 import numpy as np
@@ -19,6 +23,7 @@ from fedbpt.core.data import load_split
 from fedbpt.core.models import TINY_NAME, model_kind, resolve_model
 from fedbpt.core.search import LocalObjective, derive_seed, evaluate, local_search, perturb
 from fedbpt.core.site import pick_device, site_settings
+from fedbpt.core.sitecache import Entry, SetupCache
 from fedbpt.core.tasks import get_task
 from fedbpt.core.wire import encode_update, state_for_site
 from fedbpt.errors import ConfigError
@@ -27,8 +32,9 @@ log = logging.getLogger(__name__)
 _RUNTIMES: dict[tuple, SiteRuntime] = {}
 
 
-def build_scorer(cfg: dict, model_path: str, task, device: str):
-    """The scorer for the model's kind (masked: scorer.Scorer; causal: causal.CausalScorer), "auto" options resolved."""
+def build_scorer(cfg: dict, model_path: str, task, device: str, cached_projection: tuple | None = None):
+    """The scorer for the model's kind (masked: scorer.Scorer; causal: causal.CausalScorer), "auto" options resolved;
+    ``cached_projection``: (A^T, std) from the site's set-up cache."""
     kind = model_kind(model_path)
     if kind == "causal":
         from fedbpt.core.causal import CausalScorer as cls
@@ -49,38 +55,121 @@ def build_scorer(cfg: dict, model_path: str, task, device: str):
         cfg["attn_implementation"],
         label_encoding=opts["label_encoding"],
         prompt_placement=prompt_placement(cfg),
+        cached_projection=cached_projection,
     )
 
 
-class SiteRuntime:
-    def __init__(self, cfg: dict, site: str, cache_root: str) -> None:
-        import torch
+def _model_type(model_path: str) -> str | None:
+    """The model_type in a local folder's config.json (None for a hub id or an unreadable config)."""
+    try:
+        with open(os.path.join(model_path, "config.json")) as f:
+            value = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
+
+def import_libraries(model_path: str) -> float:
+    """Start the libraries in this process: import torch, transformers and the model's own module, and build
+    transformers' table of checkpoint conversions (about 1,000 regular expressions for every model type, compiled on
+    a process's first ``from_pretrained``). Returns the seconds it took, about 0 when the process has them. A fresh
+    client process pays this whatever is cached, so it is reported apart from the set-up (``import_seconds``)."""
+    t0 = time.perf_counter()
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer  # noqa: F401
+
+    model_type = _model_type(model_path)
+    if model_type:
+        try:
+            from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+            from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+            module = model_type_to_module_name(model_type)
+            importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+            get_checkpoint_conversion_mapping(model_type)
+        except ImportError:  # another transformers layout: from_pretrained does it (counted as set-up)
+            pass
+    return time.perf_counter() - t0
+
+
+def go_hub_offline() -> None:
+    """Run this process with the Hugging Face hub offline (HF_HUB_OFFLINE=1): every file it needs is local, so a
+    respawned client makes no DNS lookups or HTTP checks. Set before transformers loads; if huggingface_hub is already
+    imported its flag is set as well (it reads the variable once, at import)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+
+
+class SiteRuntime:
+    """What a site builds before it can work: its data shard and encodings, the test set on eval sites, tokenizer,
+    model and projection A; for causal LMs the held text keys/values.
+
+    ``setup_cache``: read what the site derives from (config, site) from its set-up cache under ``cache_root``
+    (core.sitecache), writing it on the first set-up, so a respawned client process reloads it instead of
+    rebuilding it. ``hub_offline``: once the cache holds an entry (every file resolved locally), run the process
+    hub-offline. ``setup_seconds`` (building) and ``import_seconds`` (library imports this process had to do) are
+    reported once, by the first task that takes them (:meth:`take_setup_seconds`). ``cache_state``: read, written,
+    not written (the disk refused) or off.
+    """
+
+    def __init__(
+        self, cfg: dict, site: str, cache_root: str, setup_cache: bool = False, hub_offline: bool = False
+    ) -> None:
+        t0 = time.perf_counter()
         if cfg["model_name"] == TINY_NAME:  # a research model: built before the run, named by its folder
             raise ConfigError("model tiny-random is not built: pass the config through core.preflight.prepare_config")
         self.cfg, self.site = cfg, site
         self.task = get_task(cfg["task_name"])
-        if cfg.get("torch_threads"):
-            torch.set_num_threads(int(cfg["torch_threads"]))
         self.local = site_settings(cfg, site, os.path.join(cache_root, "local"))  # the site's own data settings
         self.index = self.local.seed_index
-        t0 = time.time()
-        data_dir = self.local.data_dir
-        full_train = load_split(self.task, "train", data_dir)
-        data = self.local.shards(self.task, cfg, full_train)
-        model_path = resolve_model(cfg["model_name"])
-        device = pick_device(cfg["device"])
-        self.scorer = build_scorer(cfg, model_path, self.task, device)
-        self.train = self.scorer.encode(data.train)
-        self.dev = self.scorer.encode(data.dev)
         self.is_eval_client = site in cfg["eval_clients"].split(",")
-        self.test_examples = load_split(self.task, self.task.test_split, data_dir) if self.is_eval_client else None
-        self.test = self.scorer.encode(self.test_examples) if self.is_eval_client else None
+        name = resolve_model(cfg["model_name"])
+        store = SetupCache(cache_root, site) if setup_cache else None
+        model_path = (store.local_model(name) if store else None) or name
+        local_files = store is not None and os.path.isdir(model_path)  # a folder, or the one a hub id resolved to
+        key = store.key(cfg, self.local, self.is_eval_client, model_path, self.task) if local_files else None
+        entry = store.read(key) if key is not None else None
+        if entry is not None and hub_offline:
+            go_hub_offline()
+        self.import_seconds = import_libraries(model_path)
+        import torch
+
+        if cfg.get("torch_threads"):
+            torch.set_num_threads(int(cfg["torch_threads"]))
+        device = pick_device(cfg["device"])
+        if entry is not None:
+            self.scorer = build_scorer(cfg, model_path, self.task, device, (entry.a_t, entry.proj_std))
+            self.train, self.dev, self.test = entry.train, entry.dev, entry.test
+            self.test_examples = entry.test_examples
+            self.cache_state = "read"
+        else:
+            data_dir = self.local.data_dir
+            full_train = load_split(self.task, "train", data_dir)
+            data = self.local.shards(self.task, cfg, full_train)
+            self.scorer = build_scorer(cfg, model_path, self.task, device)
+            self.train = self.scorer.encode(data.train)
+            self.dev = self.scorer.encode(data.dev)
+            split = self.task.test_split
+            self.test_examples = load_split(self.task, split, data_dir) if self.is_eval_client else None
+            self.test = self.scorer.encode(self.test_examples) if self.is_eval_client else None
+            self.cache_state = "off"
+            if store is not None:
+                folder = store.record_model(name) if key is None else model_path
+                if folder is not None:
+                    key = key or store.key(cfg, self.local, self.is_eval_client, folder, self.task)
+                    a_t = self.scorer.A_t.detach().cpu().numpy()
+                    entry = Entry(self.train, self.dev, self.test, self.test_examples, a_t, self.scorer.proj_std)
+                    self.cache_state = "written" if store.write(key, entry) else "not written"
         # after the input: the clean shards' text keys/values, computed once and kept for the run (bounded)
         held = self.scorer.hold(self.train) + self.scorer.hold(self.dev)
+        self.setup_seconds = time.perf_counter() - t0 - self.import_seconds
+        self._pending = {"setup_seconds": self.setup_seconds, "import_seconds": self.import_seconds}
         log.info(
             "%s: %d train, %d dev, %s test examples (data %s, shard %s; %s); model %s on %s "
-            "(CUDA_VISIBLE_DEVICES=%s); prompt %s, text keys/values kept %.3g MB; ready in %.1fs",
+            "(CUDA_VISIBLE_DEVICES=%s); prompt %s, text keys/values kept %.3g MB; set-up cache %s; ready in %.1fs "
+            "(+%.1fs imports)",
             site,
             len(self.train),
             len(self.dev),
@@ -93,17 +182,26 @@ class SiteRuntime:
             os.environ.get("CUDA_VISIBLE_DEVICES"),
             self.scorer.placement,
             held / 2**20,
-            time.time() - t0,
+            self.cache_state,
+            self.setup_seconds,
+            self.import_seconds,
         )
 
+    def take_setup_seconds(self) -> dict:
+        """``setup_seconds`` and ``import_seconds`` for the first task that asks (what it spent building this
+        runtime); 0 for every later task, which reuses it."""
+        out, self._pending = self._pending, {"setup_seconds": 0.0, "import_seconds": 0.0}
+        return out
+
     @classmethod
-    def get(cls, cfg: dict, site: str, cache_root: str) -> SiteRuntime:
+    def get(cls, cfg: dict, site: str, cache_root: str, **options) -> SiteRuntime:
+        """The process's runtime for (config, site), built on first use (``options``: see the class)."""
         key = (json.dumps(cfg, sort_keys=True), site)
         if key not in _RUNTIMES:
             for old in _RUNTIMES.values():  # one site per process at a time: free the previous one
                 old.scorer.close()
             _RUNTIMES.clear()
-            _RUNTIMES[key] = cls(cfg, site, cache_root)
+            _RUNTIMES[key] = cls(cfg, site, cache_root, **options)
         return _RUNTIMES[key]
 
     def _eval(self, z: np.ndarray, name: str, enc, out: dict) -> None:
@@ -198,20 +296,22 @@ class SiteRuntime:
             res.sigma_final,
             seconds_search=time.time() - t0 - t_eval,
             seconds_eval=t_eval,
+            **self.take_setup_seconds(),
             **metrics,
         )
 
 
 class RuntimePool:
-    """All sites' runtimes in one process (in-process runs and benchmarks); they share the cached model."""
+    """All sites' runtimes in one process (in-process runs and benchmarks); they share the cached model and A, so a
+    set-up cache on disk (``setup_cache``) only helps a later process."""
 
-    def __init__(self, cfg: dict, cache_root: str) -> None:
-        self.cfg, self.cache_root = cfg, cache_root
+    def __init__(self, cfg: dict, cache_root: str, setup_cache: bool = False) -> None:
+        self.cfg, self.cache_root, self.setup_cache = cfg, cache_root, setup_cache
         self.runtimes: dict[str, SiteRuntime] = {}
 
     def __call__(self, site: str) -> SiteRuntime:
         if site not in self.runtimes:
-            self.runtimes[site] = SiteRuntime(self.cfg, site, self.cache_root)
+            self.runtimes[site] = SiteRuntime(self.cfg, site, self.cache_root, setup_cache=self.setup_cache)
         return self.runtimes[site]
 
     def close(self) -> None:

@@ -95,6 +95,8 @@ class Federation:
             client_stats=info.clients,
             seconds=time.time() - self._t0,
             client_seconds={s: _work_seconds(results[s]) for s in evals},  # model work: the rest is orchestration
+            setup_seconds={s: float(results[s].get("setup_seconds", 0.0)) for s in evals},  # building its runtime
+            import_seconds={s: float(results[s].get("import_seconds", 0.0)) for s in evals},
             bytes_down=int(bytes_down),
             bytes_up=int(np.mean(up)) if up else 0,
             **_summed_counts(decode_counts(results[u.site]) for u in updates),

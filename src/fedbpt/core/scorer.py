@@ -250,7 +250,10 @@ class PromptScorer:
         attn_implementation: str = "sdpa",
         label_encoding: str | None = None,
         prompt_placement: str | None = None,
+        cached_projection: tuple | None = None,
     ) -> None:
+        """``cached_projection``: (A^T, its std) from the site's set-up cache (core.sitecache, whose key covers
+        everything that decides A), used instead of drawing A again."""
         import torch
 
         prompt_placement = prompt_placement or self.placements[0]
@@ -298,11 +301,17 @@ class PromptScorer:
         # Projection A, (n*h) x d, N(0, std) with std = std_hat / (sqrt(d) * sigma), std_hat over the word-embedding
         # matrix (causal LMs too: Llama has no position embeddings, GPT-2's are not in it): the same on every site.
         # Kept as A^T (d, n*h): z @ A^T is one matmul per generation.
-        std_hat = float(self.embed.weight.detach().float().std())
-        self.proj_std = std_hat / (np.sqrt(intrinsic_dim) * sigma)
-        self.A_t = projection(
-            n_prompt_tokens, self.hidden, intrinsic_dim, self.proj_std, seed, self.device, (model_path, str(device))
-        )
+        if cached_projection is not None:
+            a_t, self.proj_std = cached_projection
+            if tuple(a_t.shape) != (intrinsic_dim, n_prompt_tokens * self.hidden):
+                raise ValueError(f"cached projection has shape {tuple(a_t.shape)}, not ({intrinsic_dim}, n*h)")
+            self.A_t = torch.as_tensor(a_t).to(self.device)
+        else:
+            std_hat = float(self.embed.weight.detach().float().std())
+            self.proj_std = std_hat / (np.sqrt(intrinsic_dim) * sigma)
+            self.A_t = projection(
+                n_prompt_tokens, self.hidden, intrinsic_dim, self.proj_std, seed, self.device, (model_path, str(device))
+            )
         self.build()
 
     def build(self) -> None:

@@ -93,6 +93,9 @@ def _finite_number(msg: dict, key: str) -> float:
     return float(v)
 
 
+# What a site's task took, in seconds: its local search and evaluation (client_seconds in the run record), building its
+# runtime (setup_seconds; 0 when the process already had it) and the library imports a fresh process needed.
+TIMINGS = ("seconds_search", "seconds_eval", "setup_seconds", "import_seconds")
 COUNTS = ("queries", "eval_queries", "tokens")  # what a site's work cost in model queries and computed tokens
 
 
@@ -140,7 +143,7 @@ def decode_update(site: str, msg: dict, d: int, local_iter: int, bound: float = 
     if popsize < 2:
         raise PayloadError(f"'popsize' must be at least 2, got {popsize}")
     n_train = int(_finite_number(msg, "n_train")) if "n_train" in msg else 1
-    for key in ("seconds_search", "seconds_eval"):  # timings go into the run record
+    for key in TIMINGS:  # timings go into the run record
         if key in msg and _finite_number(msg, key) < 0:
             raise PayloadError(f"'{key}' is negative")
     decode_counts(msg)

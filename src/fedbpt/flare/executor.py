@@ -30,14 +30,15 @@ class FedBPTExecutor(Executor):
         site = fl_ctx.get_identity_name()
         try:
             msg = from_shareable(shareable).data
+            # the site's workspace root: local, one per site, kept through the simulator's respawns (core.sitecache)
             cache_root = fl_ctx.get_engine().get_workspace().get_root_dir()
-            runtime = SiteRuntime.get(self.config, site, cache_root)
+            runtime = SiteRuntime.get(self.config, site, cache_root, setup_cache=True, hub_offline=True)
             if abort_signal.triggered:
                 return make_reply(ReturnCode.TASK_ABORTED)
             if task_name == TASK_ROUND:
                 out = self.run_round(site, runtime, msg, lambda: abort_signal.triggered)
             elif task_name == TASK_SETUP:
-                out = {"train_n": len(runtime.train)}
+                out = {"train_n": len(runtime.train), **runtime.take_setup_seconds()}  # not a round's set-up
             elif task_name == TASK_EVAL:
                 out = runtime.final_evaluate(msg)
             else:
