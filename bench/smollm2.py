@@ -42,7 +42,9 @@ METHODS = {
     "central BBT": {"aggregation": "fedavg", "perturb": False, "cov_mode": "none", "num_clients": 1, "iid": True},
 }
 MAIN = ("FedBPT", "FedAvg-BBT")
-RUN_SETTINGS = ("rounds", "clients", "k_shot", "n_prompt_tokens")  # what a saved run was run with
+RUN_SETTINGS = ("rounds", "clients", "k_shot", "n_prompt_tokens", "placement")  # what a saved run was run with
+# the settings of the saved matrices, whatever configs/smollm2_sst2.yaml (the demo preset) chooses
+PINNED = {"prompt_placement": "front", "intrinsic_dim": 500, "local_iter": 8, "local_popsize": 5, "sigma": 1.0}
 MATRIX_SHAPE = ("seeds", "splits", "extras", "extra_seeds")  # which runs the matrix holds: a resumed one may grow
 EXTRA = ("central BBT", "FedBPT, no Eq. 7", "FedBPT robust")  # IID, seeds 1..--extra_seeds
 PAIRED = (  # differences reported per (seed, split)
@@ -65,6 +67,7 @@ def run_config(args, seed: int, split: str, method: str) -> dict:
         k_shot=args.k_shot,
         n_prompt_tokens=args.n_prompt_tokens,
         seed=seed,
+        **dict(PINNED, prompt_placement=args.placement),
         server_sigma="paper",
         perturb_rate=0.5,
         test_eval="end",
@@ -80,7 +83,7 @@ def jobs_for(args) -> list[tuple[int, str, str]]:
     jobs = [(s, sp, m) for s in range(1, args.seeds + 1) for sp in args.splits for m in MAIN]
     if args.extras:
         jobs += [(s, "IID", m) for s in range(1, args.extra_seeds + 1) for m in EXTRA]
-    return jobs
+    return [j for j in jobs if args.methods is None or j[2] in args.methods]
 
 
 def best_threshold(diff, labels) -> float:
@@ -321,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--k_shot", type=int, default=10, help="examples per class in train (and again in dev)")
     p.add_argument("--n_prompt_tokens", type=int, default=5)
+    p.add_argument("--placement", choices=("front", "after_input"), default="front", help="where the prompt goes")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, help="only these methods' runs")
     p.add_argument("--quick", action="store_true", help="seed 1, IID, FedBPT and FedAvg-BBT, 3 rounds")
     p.add_argument("--workers", type=int, default=2, help="processes, one torch thread each")
     p.add_argument("--fresh", action="store_true", help="ignore saved runs and start the matrix over")
@@ -368,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     resolve_model("smollm2-135m")  # converted once here, not in every worker
     settings = {k: getattr(args, k) for k in RUN_SETTINGS + MATRIX_SHAPE}
     data = None if args.fresh else _load(path)
-    if data is not None and any(data["args"][k] != settings[k] for k in RUN_SETTINGS):
+    if data is not None and any(data["args"].get(k, "front") != settings[k] for k in RUN_SETTINGS):
         print(
             f"error: {path} holds runs with other settings {data['args']}: pass --fresh to start over", file=sys.stderr
         )

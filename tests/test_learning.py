@@ -158,3 +158,4 @@ def test_test_set_scored_only_at_the_end_gives_the_same_run_and_best_test(seed, 
         assert end.best["test_acc"] == end.final["test_acc"]
     else:
         assert end.best["test_acc"] == every.rounds[end.best["round"]]["test_acc"]
+    assert end.no_prompt == every.no_prompt and 0 < end.no_prompt["test_acc"] < 1

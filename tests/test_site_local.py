@@ -234,9 +234,28 @@ def test_executor_passes_the_abort_signal_to_the_local_search(monkeypatch):
             seen["after"] = should_stop()
             raise InterruptedError("local search aborted")
 
-    monkeypatch.setattr(ex.SiteRuntime, "get", classmethod(lambda cls, cfg, site, root: Runtime()))
+    monkeypatch.setattr(ex.SiteRuntime, "get", classmethod(lambda cls, cfg, site, root, **options: Runtime()))
     monkeypatch.delenv("FEDBPT_FAULT", raising=False)
     task = DXO(data_kind=DataKind.COLLECTION, data={"state": {"round": 0}, "evaluate": 0}).to_shareable()
     reply = ex.FedBPTExecutor(config={}).execute(ex.TASK_ROUND, task, _FakeCtx(), signal)
     assert seen == {"before": False, "after": True}
     assert reply.get_return_code() == ReturnCode.TASK_ABORTED
+
+
+def test_the_final_test_pass_runs_on_its_own_threads_and_gives_them_back():
+    """--test_threads: torch runs that many threads inside the block and the rounds' number after it, also when the
+    pass fails; 0 leaves the rounds' number."""
+    import torch
+
+    from fedbpt.core.client import torch_threads
+
+    before = torch.get_num_threads()
+    other = 2 if before != 2 else 3
+    with torch_threads(other):
+        assert torch.get_num_threads() == other
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), torch_threads(other):
+        raise RuntimeError("scoring failed")
+    assert torch.get_num_threads() == before
+    with torch_threads(0):
+        assert torch.get_num_threads() == before

@@ -9,6 +9,7 @@ runs every task in a fresh process; what the site derived is then read back from
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -100,6 +101,21 @@ def go_hub_offline() -> None:
     constants = sys.modules.get("huggingface_hub.constants")
     if constants is not None:
         constants.HF_HUB_OFFLINE = True
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Within the block torch runs ``n`` threads (0: unchanged): the final test pass runs when the other sites are done
+    with their work, so on a shared CPU it may take the cores they held."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class SiteRuntime:
@@ -222,22 +238,24 @@ class SiteRuntime:
 
     def final_evaluate(self, msg: dict) -> dict:
         """The final prompt on train, dev and test; on the test set also the best-dev prompt (--test_eval end) and
-        the template alone with no prompt rows (what tuning is measured against), from one pass where the
-        placement allows."""
+        the template alone with no prompt rows (what tuning is measured against), from one pass over the texts where
+        the placement allows."""
         final = np.asarray(msg["state"]["mean"], dtype=np.float64)
         tokens = self.scorer.tokens
         out = self.evaluate(final, with_dev=True, with_test=False)
         if self.test is not None:
-            zs = [final]
             best = np.asarray(msg["best_mean"], dtype=np.float64) if "best_mean" in msg else None
-            if best is not None and not np.array_equal(best, final):
-                zs.append(best)
-            logits, bare = self.scorer.label_logits_with_bare(np.stack(zs), self.test)
-            if bare is None:
-                bare = self._bare_logits(self.test_examples)
+            named = [("test", final)]
+            if best is not None:
+                named.append(("best_test", best))
+            zs = list({z.tobytes(): z for _, z in named}.values())  # the best-dev prompt may be the final one
+            with torch_threads(self.cfg["test_threads"]):
+                logits, bare = self.scorer.label_logits_with_bare(np.stack(zs), self.test)
+                if bare is None:
+                    bare = self._bare_logits(self.test_examples)
+            by_z = {z.tobytes(): lg for z, lg in zip(zs, logits)}
             loss_type = self.cfg["loss_type"]
-            named = [("test", logits[0])] + ([("best_test", logits[-1])] if best is not None else [])
-            for name, lg in named + [("no_prompt_test", bare)]:
+            for name, lg in [(name, by_z[z.tobytes()]) for name, z in named] + [("no_prompt_test", bare)]:
                 r = evaluate(lambda z, enc, lg=lg: lg[None], final, self.test, loss_type)
                 out[f"{name}_loss"], out[f"{name}_n"], out[f"{name}_confusion"] = r["loss"], r["n"], r["confusion"]
             out["eval_queries"] = out.get("eval_queries", 0) + len(self.test) * (len(zs) + 1)

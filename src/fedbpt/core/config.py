@@ -68,6 +68,7 @@ DEFAULTS: dict = {
     "attn_implementation": "sdpa",
     "round_timeout": 0,
     "torch_threads": 0,
+    "test_threads": 0,
     "model_cache_dir": None,
     "checkpoint_every": 1,
     "resume": None,
@@ -134,6 +135,8 @@ HELP = {
     "models without SDPA support; eager is faster on small CPU passes of tiny models (bench.learning uses it)",
     "round_timeout": "seconds a round waits for clients (0: no limit); site setup before round 0 is not counted",
     "torch_threads": "torch threads per client process (0: simulated clients share the cores; deployed: torch default)",
+    "test_threads": "torch threads of the final test pass on eval clients (0: as in the rounds); it runs once the "
+    "other sites are done, so on one CPU machine it may take their cores",
     "model_cache_dir": "where tiny-random models and planted bundles are built, once, before the job (default: "
     "$FEDBPT_MODEL_CACHE or ~/.cache/fedbpt/models); the job names the built folder",
     "checkpoint_every": "write the server checkpoint every N rounds (and after the last); 0: never",
@@ -392,7 +395,11 @@ def validate(cfg: dict) -> dict:
             raise ConfigError(f"--{key} must be at least 1, got {cfg[key]}")
     if not 0 <= cfg["seed"] <= MAX_SEED:
         raise ConfigError(f"--seed must be an integer in [0, 2**63 - 1] (numpy and torch seeds), got {cfg['seed']}")
-    for key, what in (("torch_threads", "0 (automatic)"), ("round_timeout", "0 (no limit)")):
+    for key, what in (
+        ("torch_threads", "0 (automatic)"),
+        ("test_threads", "0 (as the rounds)"),
+        ("round_timeout", "0 (no limit)"),
+    ):
         if cfg[key] < 0:
             raise ConfigError(f"--{key} must be {what} or more, got {cfg[key]}")
     least = 3 if cfg["local_adaptation"] == "tpa" else 2  # TPA needs a mirrored pair plus one sample
