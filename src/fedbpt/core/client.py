@@ -144,6 +144,7 @@ class SiteRuntime:
         name = resolve_model(cfg["model_name"])
         store = SetupCache(cache_root, site) if setup_cache else None
         model_path = (store.local_model(name) if store else None) or name
+        self.model_path = model_path  # what this runtime loaded (a hub id may resolve to a local snapshot)
         local_files = store is not None and os.path.isdir(model_path)  # a folder, or the one a hub id resolved to
         key = store.key(cfg, self.local, self.is_eval_client, model_path, self.task) if local_files else None
         entry = store.read(key) if key is not None else None
@@ -220,20 +221,21 @@ class SiteRuntime:
             _RUNTIMES[key] = cls(cfg, site, cache_root, **options)
         return _RUNTIMES[key]
 
-    def _eval(self, z: np.ndarray, name: str, enc, out: dict) -> None:
-        r = evaluate(self.scorer.label_logits, z, enc, self.cfg["loss_type"])
+    def _eval(self, z: np.ndarray, name: str, enc, out: dict, logits_fn=None) -> int:
+        """Report ``name``'s loss, count and confusion matrix into ``out``; returns the examples x prompts scored."""
+        r = evaluate(logits_fn or self.scorer.label_logits, z, enc, self.cfg["loss_type"])
         out[f"{name}_loss"], out[f"{name}_n"], out[f"{name}_confusion"] = r["loss"], r["n"], r["confusion"]
-        out["eval_queries"] = out.get("eval_queries", 0) + r["n"]
+        return r["n"]
 
     def evaluate(self, z: np.ndarray, with_dev: bool, with_test: bool = True) -> dict:
         """The global prompt (or every site's prompt, local-only) on this site's train shard, and (when due) its
         dev shard and, on eval clients, the test set."""
         out: dict = {}
-        self._eval(z, "train", self.train, out)
+        out["eval_queries"] = self._eval(z, "train", self.train, out)
         if with_dev:
-            self._eval(z, "dev", self.dev, out)
+            out["eval_queries"] += self._eval(z, "dev", self.dev, out)
             if with_test and self.test is not None:
-                self._eval(z, "test", self.test, out)
+                out["eval_queries"] += self._eval(z, "test", self.test, out)
         return out
 
     def final_evaluate(self, msg: dict) -> dict:
@@ -245,27 +247,22 @@ class SiteRuntime:
         out = self.evaluate(final, with_dev=True, with_test=False)
         if self.test is not None:
             best = np.asarray(msg["best_mean"], dtype=np.float64) if "best_mean" in msg else None
-            named = [("test", final)]
-            if best is not None:
-                named.append(("best_test", best))
-            zs = list({z.tobytes(): z for _, z in named}.values())  # the best-dev prompt may be the final one
+            zs = [final] if best is None or np.array_equal(best, final) else [final, best]  # scored once each
             with torch_threads(self.cfg["test_threads"]):
                 logits, bare = self.scorer.label_logits_with_bare(np.stack(zs), self.test)
                 if bare is None:
                     bare = self._bare_logits(self.test_examples)
-            by_z = {z.tobytes(): lg for z, lg in zip(zs, logits)}
-            loss_type = self.cfg["loss_type"]
-            for name, lg in [(name, by_z[z.tobytes()]) for name, z in named] + [("no_prompt_test", bare)]:
-                r = evaluate(lambda z, enc, lg=lg: lg[None], final, self.test, loss_type)
-                out[f"{name}_loss"], out[f"{name}_n"], out[f"{name}_confusion"] = r["loss"], r["n"], r["confusion"]
-            out["eval_queries"] = out.get("eval_queries", 0) + len(self.test) * (len(zs) + 1)
+            named = [("test", logits[0])] + ([("best_test", logits[-1])] if best is not None else [])
+            for name, lg in named + [("no_prompt_test", bare)]:
+                self._eval(final, name, self.test, out, lambda z, enc, lg=lg: lg[None])
+            out["eval_queries"] += len(self.test) * (len(zs) + 1)
         out["tokens"] = self.scorer.tokens - tokens
         return out
 
     def _bare_logits(self, examples) -> np.ndarray:
         """The test set's label logits from the template alone (a scorer with no prompt tokens on the same model)."""
         cfg = dict(self.cfg, n_prompt_tokens=0)
-        bare = build_scorer(cfg, resolve_model(cfg["model_name"]), self.task, str(self.scorer.device))
+        bare = build_scorer(cfg, self.model_path, self.task, str(self.scorer.device))
         try:
             enc = bare.encode(examples)
             logits = bare.label_logits(np.zeros(cfg["intrinsic_dim"]), enc)[0]
