@@ -1,8 +1,8 @@
 """FedBPT on a real pretrained model: SmolLM2-135M-Instruct (causal LM) on SST-2, in-process, on the CPU.
 
-    python -m bench.smollm2            # FedBPT and FedAvg-BBT x IID and Dir(1.0) x seeds 1-3, plus central BBT,
-                                       # FedBPT without Eq. 7 and robust FedBPT on IID seed 1
-    python -m bench.smollm2 --quick    # seed 1, IID: FedBPT and FedAvg-BBT, 3 rounds (8 minutes, quiet machine)
+    python -m bench.smollm2            # FedBPT, robust FedBPT and FedAvg-BBT x IID and Dir(1.0) x seeds 1-3, plus
+                                       # central BBT and FedBPT without Eq. 7 on IID seed 1
+    python -m bench.smollm2 --quick    # seed 1, IID: the three federated methods, 3 rounds
     python -m bench.smollm2 --report_only
     python -m bench.smollm2 --splits IID --k_shot 16 --rounds 8 --name smollm2_long   # more shots and rounds, IID
 
@@ -41,12 +41,12 @@ METHODS = {
     # one site holding every client's examples (k_shot per class), the same local search: BBT, same iterations
     "central BBT": {"aggregation": "fedavg", "perturb": False, "cov_mode": "none", "num_clients": 1, "iid": True},
 }
-MAIN = ("FedBPT", "FedAvg-BBT")
+MAIN = ("FedBPT", "FedBPT robust", "FedAvg-BBT")  # every split x seed
 RUN_SETTINGS = ("rounds", "clients", "k_shot", "n_prompt_tokens", "placement")  # what a saved run was run with
 # the settings of the saved matrices, whatever configs/smollm2_sst2.yaml (the demo preset) chooses
 PINNED = {"prompt_placement": "front", "intrinsic_dim": 500, "local_iter": 8, "local_popsize": 5, "sigma": 1.0}
 MATRIX_SHAPE = ("seeds", "splits", "extras", "extra_seeds")  # which runs the matrix holds: a resumed one may grow
-EXTRA = ("central BBT", "FedBPT, no Eq. 7", "FedBPT robust")  # IID, seeds 1..--extra_seeds
+EXTRA = ("central BBT", "FedBPT, no Eq. 7")  # IID, seeds 1..--extra_seeds
 PAIRED = (  # differences reported per (seed, split)
     ("FedBPT", "FedAvg-BBT"),
     ("FedBPT, no Eq. 7", "FedBPT"),
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n_prompt_tokens", type=int, default=5)
     p.add_argument("--placement", choices=("front", "after_input"), default="front", help="where the prompt goes")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, help="only these methods' runs")
-    p.add_argument("--quick", action="store_true", help="seed 1, IID, FedBPT and FedAvg-BBT, 3 rounds")
+    p.add_argument("--quick", action="store_true", help="seed 1, IID, the three federated methods, 3 rounds")
     p.add_argument("--workers", type=int, default=2, help="processes, one torch thread each")
     p.add_argument("--fresh", action="store_true", help="ignore saved runs and start the matrix over")
     default_data = os.path.join(ROOT, "..", "shared", "data", "sst2")

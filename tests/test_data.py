@@ -288,3 +288,13 @@ def test_real_sst2_copy_loads_with_the_hub_schema(shared_sst2):
     task = get_task("sst2")
     val = load_split(task, "validation", shared_sst2)
     assert len(val) == 872 and np.bincount(val.labels).tolist() == [428, 444]
+
+
+def test_dev_shot_widens_dev_and_leaves_train_as_it_was():
+    tr, dv = k_shot_indices(LABELS, 8, 3, seed=5)
+    tr2, dv2 = k_shot_indices(LABELS, 8, 3, seed=5, dev_shot=20)
+    np.testing.assert_array_equal(tr, tr2)  # the same training examples: the search is unchanged
+    assert np.bincount(LABELS[dv2]).tolist() == [20, 20, 20]
+    assert set(dv) <= set(dv2) and not set(tr2) & set(dv2)  # the k-shot dev set, and more after it
+    with pytest.raises(ConfigError, match=r"needs 31 training examples of class 2 .* lower --k_shot or --dev_shot"):
+        k_shot_indices(LABELS, 8, 3, seed=0, dev_shot=23)  # class 2 has 30

@@ -259,3 +259,32 @@ def test_the_final_test_pass_runs_on_its_own_threads_and_gives_them_back():
     assert torch.get_num_threads() == before
     with torch_threads(0):
         assert torch.get_num_threads() == before
+
+
+def test_each_client_gets_its_gpu_group_and_runs_on_it(gpus):
+    """--gpu [0,1],[2] with three clients: NVFlare deals site-1 and site-3 to group [0,1] and site-2 to [2]; each
+    client process then sees its group's GPUs (CUDA_VISIBLE_DEVICES) and runs on the first of them."""
+    from fedbpt.core.config import client_gpus, gpu_groups
+
+    assert gpu_groups("[0,1],[2]") == ["0,1", "2"] and gpu_groups("0,1") == ["0", "1"]
+    given = client_gpus("[0,1],[2]", ["site-1", "site-2", "site-3"])
+    assert given == {"site-1": "0,1", "site-2": "2", "site-3": "0,1"}
+    assert client_gpus(None, ["site-1"]) == {"site-1": None}
+    for site, visible in given.items():
+        gpus(len(visible.split(",")))  # the process sees only its group
+        env = {"CUDA_VISIBLE_DEVICES": visible}
+        assert pick_device(None, env=env) == "cuda", site
+        if len(visible.split(",")) == 1:
+            with pytest.raises(ConfigError, match="this client sees 1 GPU"):
+                pick_device("cuda:1", env=env)
+        else:
+            assert pick_device("cuda:1", env=env) == "cuda:1"  # the second GPU of its group
+
+
+def test_gpu_ids_beyond_the_machine_are_refused_before_any_process_starts(gpus):
+    from fedbpt.core.config import check_machine, resolve
+
+    gpus(2)
+    check_machine(resolve(["--num_clients", "3", "--gpu", "[0,1],[1]"]))
+    with pytest.raises(ConfigError, match=r"--gpu \[0,1\],\[2\]: this machine has 2 GPU\(s\), ids 0\.\.1"):
+        check_machine(resolve(["--num_clients", "3", "--gpu", "[0,1],[2]"]))

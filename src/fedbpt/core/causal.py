@@ -68,9 +68,11 @@ HOLD_BUDGET_BYTES = {"cpu": 512 << 20, "cuda": 16 << 30}
 ENDOFTEXT = "<|endoftext|>"
 
 
-def load_causal_model(model_path: str, device: str, attn_implementation: str = "sdpa") -> tuple:
+def load_causal_model(
+    model_path: str, device: str, attn_implementation: str = "sdpa", precision: str = "fp32"
+) -> tuple:
     """scorer.load_model for a causal LM (the loader PromptScorer calls)."""
-    return load_model(model_path, device, attn_implementation, kind="causal")
+    return load_model(model_path, device, attn_implementation, kind="causal", precision=precision)
 
 
 def start_token_id(tokenizer) -> int | None:
@@ -186,7 +188,8 @@ class CausalScorer(PromptScorer):
         if full is None or self.base is self.model:
             return None
         bias = getattr(full, "bias", None)
-        head = torch.nn.Linear(self.hidden, len(self.label_ids), bias=bias is not None).to(self.device)
+        head = torch.nn.Linear(self.hidden, len(self.label_ids), bias=bias is not None)
+        head = head.to(self.device, full.weight.dtype)
         with torch.no_grad():
             head.weight.copy_(full.weight[self.label_ids])
             if bias is not None:
@@ -202,7 +205,7 @@ class CausalScorer(PromptScorer):
         gen = torch.Generator().manual_seed(0)
         ids = self.ordinary_ids[torch.randint(len(self.ordinary_ids), (8,), generator=gen).numpy()]
         x = torch.as_tensor(ids[None], device=self.device)
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             e = self.embed(x)
             full = self.model(inputs_embeds=e, use_cache=False).logits[:, -1, self.label_ids].float()
             cache = self._new_cache()
@@ -296,13 +299,13 @@ class CausalScorer(PromptScorer):
             return out
         self.queries += c_total * n_ex
         if self.after_input:
-            with self.torch.inference_mode(), self._autocast():
+            with self.torch.inference_mode():
                 self._after_input_logits([(self.suffix_embeds(z), out)], enc)
             return out
         lengths = enc.lengths + self.prefix_len  # what a row holds in the cache: its own tokens and the prefix
         c_chunk = max(1, min(c_total, self.pass_tokens // int(lengths.max())))
         cached = self.kv_cache and self.prefix_len > 0
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             for c0 in range(0, c_total, c_chunk):
                 pre = self.prefix_embeds(z[c0 : c0 + c_chunk])
                 cc = len(pre)
@@ -406,7 +409,7 @@ class CausalScorer(PromptScorer):
             log.info("text key/value store full (%d MB): some examples are encoded per call", budget >> 20)
         added = 0
         if todo:
-            with self.torch.inference_mode(), self._autocast():
+            with self.torch.inference_mode():
                 kv = self._text_kv(enc, np.asarray(todo, dtype=np.int64))
             for j, t in kv.items():
                 self._held[enc.ids[j].tobytes()][1] = t
@@ -444,7 +447,7 @@ class CausalScorer(PromptScorer):
         bare = np.zeros((1, len(enc), len(self.label_ids)), dtype=np.float32)
         if len(enc):
             self.queries += (len(z) + 1) * len(enc)
-            with self.torch.inference_mode(), self._autocast():
+            with self.torch.inference_mode():
                 cue = self.embed(self.torch.as_tensor(self.cue_ids[None], device=self.device))
                 self._after_input_logits([(self.suffix_embeds(z), out), (cue, bare)], enc)
         return out, bare[0]

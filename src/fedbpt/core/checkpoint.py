@@ -49,6 +49,7 @@ MUST_MATCH = (
     "local_adaptation",
     "cov_mode",
     "k_shot",
+    "dev_shot",
     "iid",
     "alpha_dir",
     "partition",

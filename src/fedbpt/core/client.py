@@ -26,7 +26,7 @@ from fedbpt.core.search import LocalObjective, derive_seed, evaluate, local_sear
 from fedbpt.core.site import pick_device, site_settings
 from fedbpt.core.sitecache import Entry, SetupCache
 from fedbpt.core.tasks import get_task
-from fedbpt.core.wire import encode_update, state_for_site
+from fedbpt.core.wire import PRIVATE_SPLITS, encode_update, state_for_site
 from fedbpt.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -222,9 +222,14 @@ class SiteRuntime:
         return _RUNTIMES[key]
 
     def _eval(self, z: np.ndarray, name: str, enc, out: dict, logits_fn=None) -> int:
-        """Report ``name``'s loss, count and confusion matrix into ``out``; returns the examples x prompts scored."""
+        """Report ``name``'s loss, count and (this site's own train/dev data, --site_metrics pooled) correct count or
+        confusion matrix into ``out``; returns the examples x prompts scored."""
         r = evaluate(logits_fn or self.scorer.label_logits, z, enc, self.cfg["loss_type"])
-        out[f"{name}_loss"], out[f"{name}_n"], out[f"{name}_confusion"] = r["loss"], r["n"], r["confusion"]
+        out[f"{name}_loss"], out[f"{name}_n"] = r["loss"], r["n"]
+        if name in PRIVATE_SPLITS and self.cfg["site_metrics"] == "pooled":
+            out[f"{name}_correct"] = int(np.trace(r["confusion"]))  # its rows would be the site's label histogram
+        else:
+            out[f"{name}_confusion"] = r["confusion"]
         return r["n"]
 
     def evaluate(self, z: np.ndarray, with_dev: bool, with_test: bool = True) -> dict:

@@ -35,6 +35,7 @@ DEFAULTS: dict = {
     "task_name": "sst2",
     "n_prompt_tokens": 50,
     "k_shot": 200,
+    "dev_shot": None,
     "batch_size": 32,
     "device": None,
     "loss_type": "ce",
@@ -55,6 +56,7 @@ DEFAULTS: dict = {
     "data_dir": None,
     "eval_every": 1,
     "test_eval": "rounds",
+    "site_metrics": "pooled",
     # paper: Eq. 6 with the reference's sent-step code, as faithful as the reference rule and not measurably different
     # from it on the yardstick (bench.learning, 15 seed-split pairs: +0.3 points test accuracy of the dev-selected
     # prompt, range -8.2..+6.0; README "Learning yardstick"). diag: within 0.5 points of full covariance at 6,024
@@ -83,7 +85,9 @@ HELP = {
     "seed": "seed of everything: data split, projection A, client and server searches",
     "workspace": "simulator workspace; the summary is written to WORKSPACE/fedbpt_summary.json",
     "threads": "simulator client processes run at once (default: num_clients)",
-    "gpu": "simulator GPU ids, e.g. '0,1': clients are spread over them",
+    "gpu": "simulator GPU groups, NVFlare's syntax: '0,1' is two groups of one GPU, '[0,1],[2]' a group of two and one "
+    "of one; clients are dealt to the groups in turn (site-1 to the first) and see their group's GPUs as "
+    "CUDA_VISIBLE_DEVICES. Several groups force one thread per group (--threads is then ignored)",
     "verbose": "show NVFlare's own messages on the console too (they always go to WORKSPACE/fedbpt_log.txt; its "
     "warnings and errors are shown either way)",
     "export": "write the job folder to --export-dir instead of running the simulator",
@@ -93,7 +97,9 @@ HELP = {
     "bound": "box bound on z: search in [-bound, bound]^d (0: unbounded)",
     "task_name": f"task: {', '.join(sorted(TASKS))}",
     "n_prompt_tokens": "prompt length n in tokens",
-    "k_shot": "examples per class in train (and again in dev)",
+    "k_shot": "examples per class in train (and again in dev, unless --dev_shot)",
+    "dev_shot": "examples per class in dev, which picks the best round's prompt (default: --k_shot, as the "
+    "reference); more make that choice less noisy and cost only evaluation; train is the same either way",
     "batch_size": "kept for the reference CLI; batching is set by --max_batch_tokens",
     "device": "torch device (default: cuda if available, else cpu)",
     "loss_type": "ce | hinge | perf",
@@ -120,6 +126,9 @@ HELP = {
     "frac": "fraction of clients sampled per round (never fewer than min_clients)",
     "data_dir": "folder with local train/validation/test files in the hub schema (jsonl, csv or parquet)",
     "eval_every": "evaluate dev/test every N rounds (round 0 and the final prompt are always evaluated)",
+    "site_metrics": "what a site reports of its own train/dev data: pooled: examples scored and correct, loss (its "
+    "label mix stays local; F1 tasks show accuracy on train/dev); full: also confusion matrices, whose rows are its "
+    "label histogram (train/dev F1)",
     "test_eval": "rounds: eval clients score the test set with dev on every eval round (as the reference); end: only "
     "in the final evaluation, for the final and the best-dev prompt (test untouched during training; cheaper)",
     "server_sigma": "paper: Eq. 6 sets the server step before tell, the step sent is (after / before) x previous "
@@ -129,7 +138,8 @@ HELP = {
     "the median final local step sent on (does not collapse under label skew; docs/algorithm.md); fedavg: FedAvg-BBT "
     "baseline; local: clients search alone (baseline)",
     "cov_mode": "covariance sent to clients: full (float32 triangle), diag, none",
-    "precision": "fp32 | bf16 | fp16 (autocast; bf16/fp16 need CUDA)",
+    "precision": "dtype the model's weights are loaded and run in: fp32; bf16 or fp16: half the memory (CUDA "
+    "only: a CPU without bf16 units emulates them); A and A z stay fp32, cast once to the weights' dtype",
     "max_batch_tokens": "tokens per forward pass (candidates x examples x length); lower it if memory is short",
     "attn_implementation": "attention kernel of the model (transformers' attn_implementation): sdpa, or eager for "
     "models without SDPA support; eager is faster on small CPU passes of tiny models (bench.learning uses it)",
@@ -157,6 +167,7 @@ CHOICES = {
     "precision": ("fp32", "bf16", "fp16"),
     "attn_implementation": ("sdpa", "eager"),
     "test_eval": ("rounds", "end"),
+    "site_metrics": ("pooled", "full"),
 }
 BOOL_01 = ("iid", "perturb")
 FLAGS = ("export", "verbose")  # booleans that are plain switches on the command line
@@ -198,20 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
             kw["type"] = int
         elif isinstance(default, float):
             kw["type"] = float
-        elif key in ("min_clients", "threads"):
+        elif key in ("min_clients", "dev_shot", "threads"):
             kw["type"] = int
         p.add_argument(_flag(key), **kw)
     return p
 
 
-NULLABLE = ("min_clients", "threads", "gpu", "data_dir", "device", "model_cache_dir", "resume")
+NULLABLE = ("min_clients", "dev_shot", "threads", "gpu", "data_dir", "device", "model_cache_dir", "resume")
 BOOL_KEYS = ("iid", "perturb", *FLAGS)
-INT_KEYS = tuple(k for k, v in DEFAULTS.items() if type(v) is int) + ("min_clients", "threads")
+INT_KEYS = tuple(k for k, v in DEFAULTS.items() if type(v) is int) + ("min_clients", "dev_shot", "threads")
 FLOAT_KEYS = tuple(k for k, v in DEFAULTS.items() if type(v) is float)
 MAX_SEED = 2**63 - 1  # torch.Generator().manual_seed takes 64 bits; seed + 2 must still fit
 MAX_SIGMA = 1e3
 JOB_NAME = re.compile(r"[A-Za-z0-9._-]+")
-GPU_LIST = re.compile(r"\d+(,\d+)*")
+_GPU_GROUP = r"(?:\d+|\[\d+(?:,\d+)*\])"
+GPU_GROUPS = re.compile(rf"{_GPU_GROUP}(?:,{_GPU_GROUP})*")
 
 
 def _show(value) -> str:
@@ -393,6 +405,9 @@ def validate(cfg: dict) -> dict:
     for key in positive:
         if cfg[key] < 1:
             raise ConfigError(f"--{key} must be at least 1, got {cfg[key]}")
+    if cfg["dev_shot"] is not None and cfg["dev_shot"] < 1:
+        raise ConfigError(f"--dev_shot must be at least 1, got {cfg['dev_shot']}; leave it out for --k_shot")
+    cfg["dev_shot"] = cfg["k_shot"] if cfg["dev_shot"] is None else cfg["dev_shot"]
     if not 0 <= cfg["seed"] <= MAX_SEED:
         raise ConfigError(f"--seed must be an integer in [0, 2**63 - 1] (numpy and torch seeds), got {cfg['seed']}")
     for key, what in (
@@ -431,10 +446,16 @@ def validate(cfg: dict) -> dict:
         )
     if cfg["gpu"] is not None:
         gpu = cfg["gpu"].replace(" ", "")
-        if not GPU_LIST.fullmatch(gpu):
+        if not GPU_GROUPS.fullmatch(gpu):
             raise ConfigError(
-                f"--gpu {_show(cfg['gpu'])} is not a list of GPU ids: give non-negative integers separated by "
-                f"commas, e.g. --gpu 0,1, or leave it out"
+                f"--gpu {_show(cfg['gpu'])} is not a list of GPU groups: give GPU ids separated by commas, each a "
+                f"group of its own (--gpu 0,1), or bracketed groups (--gpu [0,1],[2]), or leave it out"
+            )
+        groups = gpu_groups(gpu)
+        if len(groups) > n:
+            raise ConfigError(
+                f"--gpu {gpu} has {len(groups)} GPU groups for {n} clients: NVFlare needs a client per group; give at "
+                f"most {n} groups (bracket GPUs together, e.g. [0,1]) or more --num_clients"
             )
         cfg["gpu"] = gpu
     sites = list(dict.fromkeys(s.strip() for s in cfg["eval_clients"].split(",") if s.strip()))
@@ -498,18 +519,32 @@ def check_machine(cfg: dict) -> None:
             if not (callable(available) and available()):
                 raise ConfigError(f"--device {device}: no {kind} device on this machine: use --device cpu or cuda")
     precision = cfg.get("precision", "fp32")
-    if precision != "fp32":
-        if kind != "cuda":
-            where = f"--device {device}" if device else "this machine, which has no CUDA GPU"
-            raise ConfigError(f"--precision {precision} needs a CUDA device, not {where}: use --precision fp32")
-        if precision == "bf16" and not torch.cuda.is_bf16_supported():
-            raise ConfigError("--precision bf16: this GPU has no bfloat16 support: use --precision fp16 or fp32")
+    if precision != "fp32" and kind != "cuda":  # CPUs without bf16 units emulate it: matmuls ~200x slower (measured)
+        where = f"--device {device}" if device else "this machine, which has no CUDA GPU"
+        raise ConfigError(f"--precision {precision} needs a CUDA device, not {where}: use --precision fp32")
+    if precision == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("--precision bf16: this GPU has no bfloat16 support: use --precision fp16 or fp32")
     gpu = cfg.get("gpu")
     if gpu is not None:
-        ids = [int(i) for i in str(gpu).split(",")]
+        ids = [int(i) for group in gpu_groups(gpu) for i in group.split(",")]
         # without CUDA the groups still reach the clients as CUDA_VISIBLE_DEVICES, and they run on the CPU
         if cuda and physical and max(ids) >= count:
             raise ConfigError(f"--gpu {gpu}: this machine has {count} GPU(s), ids 0..{count - 1}: use those ids")
+
+
+def gpu_groups(gpu: str) -> list[str]:
+    """NVFlare's simulator GPU groups of a validated ``--gpu``, each the CUDA_VISIBLE_DEVICES its clients get:
+    ``"0,1"`` -> ``["0", "1"]``; ``"[0,1],[2]"`` -> ``["0,1", "2"]``."""
+    return [m.group(1) or m.group(2) for m in re.finditer(r"\[([\d,]+)\]|(\d+)", gpu)]
+
+
+def client_gpus(gpu: str | None, sites: list[str]) -> dict[str, str | None]:
+    """Which GPU group (its CUDA_VISIBLE_DEVICES) each simulated client runs on: NVFlare deals the clients, in site
+    order, to the groups in turn. None: no --gpu, the client sees what the launcher saw."""
+    if gpu is None:
+        return dict.fromkeys(sites)
+    groups = gpu_groups(gpu)
+    return {site: groups[i % len(groups)] for i, site in enumerate(sites)}
 
 
 # What "auto" means for each kind of model: the reference's choices for masked LMs; for causal LMs the prompt goes in

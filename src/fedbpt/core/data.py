@@ -263,21 +263,26 @@ def load_split(task: TaskSpec, split: str, data_dir: str | None = None) -> Examp
     return examples.subset(np.flatnonzero(keep))
 
 
-def k_shot_indices(labels: np.ndarray, k_shot: int, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded shuffle; the first k per class form train, the next k per class form dev."""
+def k_shot_indices(
+    labels: np.ndarray, k_shot: int, num_classes: int, seed: int, dev_shot: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded shuffle; the first k per class form train, the next ``dev_shot`` (default k, as the reference) per
+    class form dev. Train does not depend on ``dev_shot``."""
+    dev_shot = k_shot if dev_shot is None else dev_shot
     counts = np.bincount(labels, minlength=num_classes)
-    if counts.min() < 2 * k_shot:
+    if counts.min() < k_shot + dev_shot:
         c = int(counts.argmin())
+        fix = f"--k_shot to at most {counts.min() // 2}" if dev_shot == k_shot else "--k_shot or --dev_shot"
         raise ConfigError(
-            f"--k_shot {k_shot} needs {2 * k_shot} training examples of class {c} (train + dev), "
-            f"the data has {counts[c]}: lower --k_shot to at most {counts.min() // 2}"
+            f"--k_shot {k_shot} needs {k_shot + dev_shot} training examples of class {c} (train + dev), "
+            f"the data has {counts[c]}: lower {fix}"
         )
     order = np.random.default_rng(seed).permutation(len(labels))
     train, dev = [], []
     for c in range(num_classes):
         of_c = order[labels[order] == c]
         train.append(of_c[:k_shot])
-        dev.append(of_c[k_shot : 2 * k_shot])
+        dev.append(of_c[k_shot : k_shot + dev_shot])
     # keep the shuffled order rather than grouping by class
     train_idx = order[np.isin(order, np.concatenate(train))]
     dev_idx = order[np.isin(order, np.concatenate(dev))]
@@ -453,11 +458,12 @@ def site_data(
     seed: int,
     full_train: Examples | None = None,
     scheme: str = "hsu",
+    dev_shot: int | None = None,
 ) -> SiteData:
     """This site's train and dev shards of the k-shot sample. ``scheme`` (hsu / per_class) is the non-IID partition
     of the train split; dev is always split IID, as the reference keeps it."""
     full = full_train if full_train is not None else load_split(task, "train", data_dir)
-    train_idx, dev_idx = k_shot_indices(full.labels, k_shot, task.num_classes, seed)
+    train_idx, dev_idx = k_shot_indices(full.labels, k_shot, task.num_classes, seed, dev_shot)
     train, dev = full.subset(train_idx), full.subset(dev_idx)
     train_parts = partition(train.labels, num_clients, iid, alpha, task.num_classes, seed + 1, scheme=scheme)
     dev_parts = partition(dev.labels, num_clients, True, alpha, task.num_classes, seed + 2)

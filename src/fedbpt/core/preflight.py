@@ -1,14 +1,19 @@
 """From options to a run config that is ready and checked against this machine, its data and its model.
 
 What would otherwise fail inside every client process (a tokenizer that cannot load, label words that are not
-single tokens, texts that never fit the model) fails here once, as a one-line ConfigError.
+single tokens, texts that never fit the model, a run larger than the machine's memory or its GPUs) fails here once,
+as a one-line ConfigError.
 """
 
 from __future__ import annotations
 
+import logging
+
 from fedbpt.core.models import TINY_NAME
 from fedbpt.core.tasks import PLANTED
 from fedbpt.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def prepare_config(config: dict | None = None, preset: str | None = None, **options) -> dict:
@@ -40,6 +45,8 @@ def preflight(cfg: dict) -> None:
     check_machine(cfg)
     task = get_task(cfg["task_name"])
     if task.name == PLANTED:  # synthetic: built and checked when it was materialized
+        name = resolve_model(cfg["model_name"])
+        check_memory(cfg, name, AutoConfig.from_pretrained(name), model_kind(name), task)
         return
     train = load_split(task, "train", cfg["data_dir"])
     # the k-shot sample and the split of every site (what site-1's would raise, all would)
@@ -54,6 +61,7 @@ def preflight(cfg: dict) -> None:
         cfg["seed"],
         full_train=train,
         scheme=cfg["partition"],
+        dev_shot=cfg["dev_shot"],
     )
     test = load_split(task, task.test_split, cfg["data_dir"])
     name = resolve_model(cfg["model_name"])  # smollm2-135m: converted here once, before the clients start
@@ -77,6 +85,35 @@ def preflight(cfg: dict) -> None:
     words = task.causal.label_words if kind == "causal" else task.label_words
     label_token_ids(tok, words, scorer_options(cfg, kind)["label_encoding"])  # the clients would refuse the same
     check_fitting(cfg, task, tok, config, kind, {"train": site1.train, "test": test})
+    check_memory(cfg, name, config, kind, task)
+
+
+def check_memory(cfg: dict, name: str, config, kind: str, task) -> None:
+    """Refuse a simulator run that cannot fit this machine's memory or its GPUs (core.memory)."""
+    from fedbpt.core import memory
+    from fedbpt.core.causal import HOLD_BUDGET_BYTES, KV_BUDGET_BYTES
+
+    cuda = cfg.get("gpu") is not None or str(cfg.get("device") or "").startswith("cuda")
+    gpu_bytes = None
+    if cuda:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu_bytes = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
+    device = "cuda" if gpu_bytes is not None else "cpu"
+    examples = 2 * cfg["k_shot"] * task.num_classes  # the whole k-shot train + dev pool: no site holds more
+    shape = memory.model_shape(name, config)
+    needs = memory.estimate(cfg, shape, kind, examples, KV_BUDGET_BYTES[device], HOLD_BUDGET_BYTES[device])
+    total, available = memory.machine_ram()
+    memory.check_fits(cfg, needs, total, gpu_bytes)
+    ram, _ = memory.ram_needed(cfg, needs, gpu_bytes is not None)
+    if available is not None and ram > available:
+        log.warning(
+            "this run may need about %.1f GiB of memory and %.1f GiB is free now: it may swap or be killed; "
+            "lower --threads if it does",
+            ram / memory.GIB,
+            available / memory.GIB,
+        )
 
 
 def check_fitting(cfg: dict, task, tok, config, kind: str, sets: dict) -> None:

@@ -96,11 +96,17 @@ def check_model_source(model_path: str) -> None:
         )
 
 
-def load_model(model_path: str, device: str, attn_implementation: str = "sdpa", kind: str = "masked") -> tuple:
-    """Tokenizer and frozen LM (``kind`` masked or causal), loaded once per process and shared by every scorer of
-    it (executors may be rebuilt; the process stays)."""
-    key = (model_path, device, attn_implementation, kind)
+PRECISIONS = ("fp32", "bf16", "fp16")  # the dtype the weights are loaded in
+
+
+def load_model(
+    model_path: str, device: str, attn_implementation: str = "sdpa", kind: str = "masked", precision: str = "fp32"
+) -> tuple:
+    """Tokenizer and frozen LM (``kind`` masked or causal), its weights loaded in ``precision`` (half the memory in
+    bf16/fp16), once per process and shared by every scorer of it (executors may be rebuilt; the process stays)."""
+    key = (model_path, device, attn_implementation, kind, precision)
     if key not in _MODEL_CACHE:
+        import torch
         from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -110,7 +116,9 @@ def load_model(model_path: str, device: str, attn_implementation: str = "sdpa", 
         where = "local folder" if os.path.isdir(model_path) else "Hugging Face hub id"
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_path)
-            model = auto.from_pretrained(model_path, attn_implementation=attn_implementation)
+            model = auto.from_pretrained(
+                model_path, attn_implementation=attn_implementation, dtype=weight_dtype(torch, precision)
+            )
         except (OSError, ValueError) as exc:
             raise ConfigError(
                 f"cannot load {kind} LM '{model_path}' ({where}): {str(exc).splitlines()[0][:160]}; "
@@ -121,6 +129,11 @@ def load_model(model_path: str, device: str, attn_implementation: str = "sdpa", 
         model.eval().requires_grad_(False).to(device)
         _MODEL_CACHE[key] = (tokenizer, model)
     return _MODEL_CACHE[key]
+
+
+def weight_dtype(torch, precision: str):
+    """The torch dtype of ``precision`` (fp32, bf16, fp16)."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def render(
@@ -230,7 +243,7 @@ class PromptScorer:
     what a black-box user would pay for; callers read their differences around a piece of work.
     """
 
-    load = staticmethod(load_model)  # (model_path, device, attn_implementation) -> (tokenizer, frozen model)
+    load = staticmethod(load_model)  # (model_path, device, attn_implementation, precision) -> (tokenizer, model)
     default_mode = "add"  # cat_or_add when None
     default_label_encoding = "bare"  # label_encoding when None
     placements = ("front",)  # prompt placements the scorer implements; the first is the default
@@ -278,10 +291,10 @@ class PromptScorer:
         self.label_encoding = label_encoding
         self.device = torch.device(device)
         self.max_batch_tokens = max_batch_tokens
-        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        if self.autocast_dtype is not None and self.device.type != "cuda":
-            raise ConfigError(f"--precision {precision} needs a CUDA device: use --precision fp32 on {device}")
-        self.tokenizer, self.model = self.load(model_path, device, attn_implementation)
+        if precision not in PRECISIONS:
+            raise ConfigError(f"unknown --precision {precision}: use {', '.join(PRECISIONS)}")
+        self.precision = precision  # the weights' dtype; A and A z stay fp32, cast once to the embeddings' dtype
+        self.tokenizer, self.model = self.load(model_path, device, attn_implementation, precision=precision)
         self.check_model(model_path)
         tok = self.tokenizer
         self.label_ids = label_token_ids(tok, tuple(self.label_words()), label_encoding)
@@ -352,11 +365,6 @@ class PromptScorer:
         t = self.torch.as_tensor(np.atleast_2d(z), dtype=self.torch.float32, device=self.device)
         return (t @ self.A_t).view(t.shape[0], self.n_prompt, self.hidden)
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return self.torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
 
 class Scorer(PromptScorer):
     """Scores candidate z vectors on encoded examples through a frozen masked LM."""
@@ -377,7 +385,7 @@ class Scorer(PromptScorer):
             if head_bias is not None:
                 head_bias.zero_()
         self.full_decoder = full
-        self.label_decoder = torch.nn.Linear(self.hidden, len(self.label_ids)).to(self.device)
+        self.label_decoder = torch.nn.Linear(self.hidden, len(self.label_ids)).to(self.device, full.weight.dtype)
         with torch.no_grad():
             self.label_decoder.weight.copy_(full.weight[self.label_ids])
             self.label_decoder.bias.zero_()  # a zero bias, not None: BERT's set_output_embeddings copies it
@@ -509,7 +517,7 @@ class Scorer(PromptScorer):
         # candidates per pass: as many as fit the token budget with at least one example each
         c_chunk = max(1, min(c_total, self.max_batch_tokens // longest))
         self.queries += c_total * n_ex
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             for c0 in range(0, c_total, c_chunk):
                 p = self.prompts(z[c0 : c0 + c_chunk])
                 cc = len(p)

@@ -40,7 +40,7 @@ class SiteSettings:
     def shards(self, task: TaskSpec, cfg: dict, full_train: Examples) -> SiteData:
         """This site's k-shot train and dev examples."""
         if self.shard is None:
-            tr, dv = k_shot_indices(full_train.labels, cfg["k_shot"], task.num_classes, cfg["seed"])
+            tr, dv = k_shot_indices(full_train.labels, cfg["k_shot"], task.num_classes, cfg["seed"], cfg["dev_shot"])
             return SiteData(full_train.subset(tr), full_train.subset(dv))
         return site_data(
             task,
@@ -53,6 +53,7 @@ class SiteSettings:
             cfg["seed"],
             full_train=full_train,
             scheme=cfg["partition"],
+            dev_shot=cfg["dev_shot"],
         )
 
 

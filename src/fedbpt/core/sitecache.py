@@ -62,7 +62,7 @@ RUN_ONLY = frozenset(
         "bound", "batch_size", "device", "loss_type", "local_iter", "local_popsize", "perturb", "perturb_rate", "eq7",
         "eval_clients", "frac", "eval_every", "test_eval", "server_sigma", "local_adaptation", "aggregation",
         "cov_mode", "max_batch_tokens", "attn_implementation", "round_timeout", "torch_threads", "test_threads",
-        "model_cache_dir", "checkpoint_every", "resume",
+        "model_cache_dir", "checkpoint_every", "resume", "site_metrics",
     }
 )  # fmt: skip
 # The modules whose code decides an entry's content: any change to them misses every entry.

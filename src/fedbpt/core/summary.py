@@ -2,7 +2,8 @@
 
 Metrics of round r are those of the global prompt the round started from (round 0 is the zero prompt, i.e. the
 manual template alone); sigma and fitness are what round r's aggregation produced. Global metrics are pooled
-from per-site confusion matrices and example counts, so no site reveals its examples.
+from per-site counts (correct and scored examples; confusion matrices on the test set, or with --site_metrics
+full), so no site reveals its examples or, by default, its label mix.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 
 from fedbpt.core.config import prompt_placement
 from fedbpt.core.scorer import metric_from_confusion
+from fedbpt.core.wire import PRIVATE_SPLITS
 
 SUMMARY_FILE = "fedbpt_summary.json"
 # The logger of the lines a person follows a run by (progress, sites done, best round): job.py's console shows this
@@ -24,14 +26,30 @@ CONSOLE_LOGGER = "fedbpt.console"
 
 
 def pooled(evals: dict, split: str, metric: str) -> tuple[float | None, float | None]:
-    """(metric, example-weighted loss) over all sites that reported ``split``, or (None, None)."""
-    reports = [e for e in evals.values() if f"{split}_confusion" in e]
+    """(metric, example-weighted loss) over all sites that reported ``split``, or (None, None). F1 needs every
+    report's confusion matrix; from correct counts (a site's own data under --site_metrics pooled) the metric is
+    the accuracy (:func:`split_metric`)."""
+    reports = [e for e in evals.values() if f"{split}_n" in e]
     if not reports:
         return None, None
-    conf = sum(np.asarray(e[f"{split}_confusion"], dtype=np.int64) for e in reports)
     n = sum(int(e[f"{split}_n"]) for e in reports)
     loss = sum(float(e[f"{split}_loss"]) * int(e[f"{split}_n"]) for e in reports) / max(n, 1)
-    return metric_from_confusion(conf, metric), loss
+    if all(f"{split}_confusion" in e for e in reports):
+        conf = sum(np.asarray(e[f"{split}_confusion"], dtype=np.int64) for e in reports)
+        return metric_from_confusion(conf, metric), loss
+    correct = sum(
+        int(e[f"{split}_correct"]) if f"{split}_correct" in e else int(np.trace(e[f"{split}_confusion"]))
+        for e in reports
+    )
+    return (correct / n if n else float("nan")), loss
+
+
+def split_metric(metric: str, split: str, site_metrics: str) -> str:
+    """The metric a split's pooled value is: the task's, except F1 on the sites' own train/dev data, which they
+    report as correct counts by default (--site_metrics pooled): accuracy there."""
+    if metric == "f1" and split in PRIVATE_SPLITS and site_metrics == "pooled":
+        return "acc"
+    return metric
 
 
 def atomic_write(path: str, data: bytes) -> None:
@@ -123,6 +141,10 @@ class RunSummary:
             self.status = "completed"
         return row
 
+    def split_metric(self, split: str) -> str:
+        """What the pooled value of ``split`` is (see :func:`split_metric`)."""
+        return split_metric(self.metric, split, self.config.get("site_metrics", "pooled"))
+
     def fail(self, reason: str) -> None:
         self.status, self.reason = "failed", reason
 
@@ -134,8 +156,8 @@ class RunSummary:
         head = f"round {row['round']}/{total}" if row["round"] < total else f"final ({total} rounds)"
         parts = [
             head,
-            f"train {self.metric} {f(row.get('train_acc'))} loss {f(row.get('train_loss'))}",
-            f"dev {f(row.get('dev_acc'))}",
+            f"train {self.split_metric('train')} {f(row.get('train_acc'))} loss {f(row.get('train_loss'))}",
+            f"dev {f(row.get('dev_acc'))}" + ("" if self.split_metric("dev") == self.metric else " (acc)"),
             f"test {f(row.get('test_acc'))}",
         ]
         if "sigma" in row:
@@ -154,7 +176,7 @@ class RunSummary:
         """The prompt chosen by dev, rounded as the progress lines are."""
         best = self.best
         return (
-            f"best round by dev {self.metric}: {'-' if best['round'] is None else best['round']} "
+            f"best round by dev {self.split_metric('dev')}: {'-' if best['round'] is None else best['round']} "
             f"(dev {_rounded(best['dev_acc'])}, test {_rounded(best['test_acc'])})"
         )
 
@@ -167,6 +189,7 @@ class RunSummary:
         out = {
             "status": self.status,
             "metric": self.metric,
+            "split_metrics": {s: self.split_metric(s) for s in ("train", "dev", "test")},
             "config": self.config,
             "rounds": self.rounds,
             "best": dict(self.best),

@@ -154,48 +154,63 @@ def decode_update(site: str, msg: dict, d: int, local_iter: int, bound: float = 
 
 # final evaluation only: best_test (the best-dev prompt), no_prompt_test (the template alone, no prompt rows)
 EVAL_SPLITS = ("train", "dev", "test", "best_test", "no_prompt_test")
+# A site's own examples: by default (--site_metrics pooled) their reports carry how many were scored and how many
+# right, not a confusion matrix, whose rows are the site's label histogram. The test splits are the eval sites'
+# public test set: a confusion matrix there reveals nothing of a site and gives F1.
+PRIVATE_SPLITS = ("train", "dev")
 MAX_COUNT = 2**53  # summed over sites in int64 and divided in float64: counts stay exact far below overflow
+
+
+def _count(msg: dict, key: str, high: int) -> int:
+    v = msg[key]
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v <= high:
+        raise PayloadError(f"'{key}' must be an integer in [0, {high}], got {v!r}"[:200])
+    return int(v)
 
 
 def decode_eval(msg: dict, num_labels: int, loss_type: str = "ce") -> dict:
     """The evaluation reports in a site's upload, checked; raise PayloadError naming the field.
 
+    Each reported split is a loss, a count ``n`` and either a confusion matrix or the number ``correct``.
     summary.pooled sums these over sites: a wrong-shaped confusion matrix would stop the server, and NaN,
-    negative or inconsistent counts would skew the logged global metrics. Only the three keys of each reported
-    split come back. Well-formed but false numbers cannot be detected here. ``perf`` loss is minus the accuracy,
-    so it lies in [-1, 0]; ``ce`` and ``hinge`` are non-negative.
+    negative or inconsistent counts would skew the logged global metrics. Only the keys of each reported split
+    come back. Well-formed but false numbers cannot be detected here. ``perf`` loss is minus the accuracy, so it
+    lies in [-1, 0]; ``ce`` and ``hinge`` are non-negative.
     """
     if not isinstance(msg, dict):
         raise PayloadError(f"payload is {type(msg).__name__}, not a dict")
     out: dict = {}
     for split in EVAL_SPLITS:
-        keys = [f"{split}_loss", f"{split}_n", f"{split}_confusion"]
-        present = [k for k in keys if k in msg]
+        loss_key, n_key, conf_key, correct_key = (f"{split}_{k}" for k in ("loss", "n", "confusion", "correct"))
+        present = [k for k in (loss_key, n_key, conf_key, correct_key) if k in msg]
         if not present:
             continue
-        if len(present) < len(keys):
-            missing = ", ".join(f"'{k}'" for k in keys if k not in msg)
-            raise PayloadError(f"'{present[0]}' came without {missing}")
-        loss_key, n_key, conf_key = keys
-        n = msg[n_key]
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n < MAX_COUNT:
-            raise PayloadError(f"'{n_key}' must be an integer in [0, 2**53), got {n!r}"[:200])
-        n = int(n)
-        conf = msg[conf_key]
-        if not isinstance(conf, np.ndarray) or not np.issubdtype(conf.dtype, np.integer):
-            raise PayloadError(f"'{conf_key}' must be an integer array, got {getattr(conf, 'dtype', type(conf))}")
-        if conf.shape != (num_labels, num_labels):
-            raise PayloadError(f"'{conf_key}' must have shape ({num_labels}, {num_labels}), got {conf.shape}")
-        if np.any(conf < 0):
-            raise PayloadError(f"'{conf_key}' has negative counts")
-        total = sum(int(v) for v in conf.ravel())  # Python ints: a hostile uint64 cannot wrap the sum around
-        if total != n:
-            raise PayloadError(f"'{conf_key}' counts {total} predictions but '{n_key}' is {n}")
+        if conf_key in msg and correct_key in msg:
+            raise PayloadError(f"'{conf_key}' and '{correct_key}' both came: send one")
+        required = [loss_key, n_key, correct_key if correct_key in msg else conf_key]
+        missing = [k for k in required if k not in msg]
+        if missing:
+            raise PayloadError(f"'{present[0]}' came without {', '.join(repr(k) for k in missing)}")
+        n = _count(msg, n_key, MAX_COUNT - 1)
+        if correct_key in msg:
+            out[correct_key] = _count(msg, correct_key, n)
+        else:
+            conf = msg[conf_key]
+            if not isinstance(conf, np.ndarray) or not np.issubdtype(conf.dtype, np.integer):
+                raise PayloadError(f"'{conf_key}' must be an integer array, got {getattr(conf, 'dtype', type(conf))}")
+            if conf.shape != (num_labels, num_labels):
+                raise PayloadError(f"'{conf_key}' must have shape ({num_labels}, {num_labels}), got {conf.shape}")
+            if np.any(conf < 0):
+                raise PayloadError(f"'{conf_key}' has negative counts")
+            total = sum(int(v) for v in conf.ravel())  # Python ints: a hostile uint64 cannot wrap the sum around
+            if total != n:
+                raise PayloadError(f"'{conf_key}' counts {total} predictions but '{n_key}' is {n}")
+            out[conf_key] = conf.astype(np.int64)
         loss = _finite_number(msg, loss_key)
         low, high = (-1.0, 0.0) if loss_type == "perf" else (0.0, np.inf)
         if not low <= loss <= high:
             raise PayloadError(f"'{loss_key}' {loss!r} is outside [{low}, {high}] for --loss_type {loss_type}")
-        out[loss_key], out[n_key], out[conf_key] = loss, n, conf.astype(np.int64)
+        out[loss_key], out[n_key] = loss, n
     return out
 
 
