@@ -38,6 +38,8 @@ METHODS = {
     "FedAvg-BBT": {"aggregation": "fedavg", "perturb": False, "cov_mode": "none"},
     "FedBPT, no Eq. 7": {"aggregation": "fedbpt", "perturb": False},
     "FedBPT robust": {"aggregation": "fedbpt_robust", "perturb": True},
+    # the demo preset's server and objective (configs/smollm2_sst2.yaml)
+    "FedBPT robust, no Eq. 7": {"aggregation": "fedbpt_robust", "perturb": False},
     # one site holding every client's examples (k_shot per class), the same local search: BBT, same iterations
     "central BBT": {"aggregation": "fedavg", "perturb": False, "cov_mode": "none", "num_clients": 1, "iid": True},
 }
@@ -52,6 +54,7 @@ PAIRED = (  # differences reported per (seed, split)
     ("FedBPT, no Eq. 7", "FedBPT"),
     ("FedBPT robust", "FedBPT"),
     ("FedBPT robust", "FedAvg-BBT"),
+    ("FedBPT robust, no Eq. 7", "FedAvg-BBT"),
 )
 
 
@@ -80,10 +83,13 @@ def run_config(args, seed: int, split: str, method: str) -> dict:
 
 
 def jobs_for(args) -> list[tuple[int, str, str]]:
+    """The matrix's runs; with --methods, those methods on every split and seed (and no others)."""
+    if args.methods:
+        return [(s, sp, m) for s in range(1, args.seeds + 1) for sp in args.splits for m in args.methods]
     jobs = [(s, sp, m) for s in range(1, args.seeds + 1) for sp in args.splits for m in MAIN]
     if args.extras:
         jobs += [(s, "IID", m) for s in range(1, args.extra_seeds + 1) for m in EXTRA]
-    return [j for j in jobs if args.methods is None or j[2] in args.methods]
+    return jobs
 
 
 def best_threshold(diff, labels) -> float:
@@ -325,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k_shot", type=int, default=10, help="examples per class in train (and again in dev)")
     p.add_argument("--n_prompt_tokens", type=int, default=5)
     p.add_argument("--placement", choices=("front", "after_input"), default="front", help="where the prompt goes")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, help="only these methods' runs")
+    p.add_argument(
+        "--methods", nargs="+", choices=list(METHODS), default=None, help="only these methods, on every split and seed"
+    )
     p.add_argument("--quick", action="store_true", help="seed 1, IID, the three federated methods, 3 rounds")
     p.add_argument("--workers", type=int, default=2, help="processes, one torch thread each")
     p.add_argument("--fresh", action="store_true", help="ignore saved runs and start the matrix over")
