@@ -46,7 +46,14 @@ METHODS = {
 MAIN = ("FedBPT", "FedBPT robust", "FedAvg-BBT")  # every split x seed
 RUN_SETTINGS = ("rounds", "clients", "k_shot", "n_prompt_tokens", "placement")  # what a saved run was run with
 # the settings of the saved matrices, whatever configs/smollm2_sst2.yaml (the demo preset) chooses
-PINNED = {"prompt_placement": "front", "intrinsic_dim": 500, "local_iter": 8, "local_popsize": 5, "sigma": 1.0}
+PINNED = {
+    "prompt_placement": "front",
+    "intrinsic_dim": 500,
+    "local_iter": 8,
+    "local_popsize": 5,
+    "sigma": 1.0,
+    "dev_shot": None,  # k_shot per class, as the reference (the preset's wider dev came later)
+}
 MATRIX_SHAPE = ("seeds", "splits", "extras", "extra_seeds")  # which runs the matrix holds: a resumed one may grow
 EXTRA = ("central BBT", "FedBPT, no Eq. 7")  # IID, seeds 1..--extra_seeds
 PAIRED = (  # differences reported per (seed, split)
