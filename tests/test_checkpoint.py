@@ -446,6 +446,20 @@ def test_settings_that_may_change_on_resume_are_accepted(tmp_path):
     assert checkpoint.restore(Federation(later, sites(later)), checkpoint.load(path)) == 2
 
 
+def test_a_checkpoint_from_before_dev_shot_had_k_shot_dev_examples(tmp_path, monkeypatch):
+    """Older checkpoints carry no dev_shot: their dev set had k_shot per class, which is what they are checked as."""
+    cfg = make_cfg()
+    with monkeypatch.context() as m:  # written as before the option existed
+        m.setattr(checkpoint, "MUST_MATCH", tuple(k for k in checkpoint.MUST_MATCH if k != "dev_shot"))
+        path = checkpoint.save(run_fake(cfg, range(2)), 2, str(tmp_path))
+    assert "dev_shot" not in checkpoint.load(path).header["config"]
+    later = make_cfg(num_rounds=10)
+    assert checkpoint.restore(Federation(later, sites(later)), checkpoint.load(path)) == 2
+    wider = make_cfg(num_rounds=10, dev_shot=cfg["k_shot"] + 1)
+    with pytest.raises(CheckpointError, match="--dev_shot 200 there, 201 here"):
+        checkpoint.restore(Federation(wider, sites(wider)), checkpoint.load(path))
+
+
 def test_job_refuses_a_mismatched_checkpoint_before_starting(tmp_path, capsys):
     from fedbpt.cli import main as job
 

@@ -580,7 +580,7 @@ def _validate_summary(summary, arrays: dict, rounds_done: int, d: int) -> None:
 def check_compatible(ckpt: Checkpoint, cfg: dict, clients_per_round: int | None = None) -> None:
     """Refuse a checkpoint written by a run with other settings (d, task, seed, ...)."""
     saved = ckpt.header["config"]
-    saved = {**ADDED_LATER, **saved}
+    saved = {**ADDED_LATER, "dev_shot": saved.get("k_shot"), **saved}  # dev was k_shot per class before --dev_shot
     diffs = [
         f"--{k} {saved.get(k)!r} there, {cfg[k]!r} here"
         for k in MUST_MATCH
