@@ -52,3 +52,17 @@ def test_production_modules_never_import_research_or_cli_code(sub):
             i for i in imported(os.path.join(SRC, sub, m + ".py")) if i.startswith(("fedbpt.research", "fedbpt.cli"))
         }
         assert bad <= allowed.get((sub, m), set()), f"fedbpt/{sub}/{m}.py imports {sorted(bad)}"
+
+
+def test_requirements_install_the_package_with_the_pinned_torch():
+    """requirements.txt lists no dependency of its own (pyproject.toml's is the one list): torch as pinned there, then
+    the package itself."""
+    import tomllib
+
+    with open(os.path.join(REPO, "requirements.txt")) as f:
+        lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        deps = tomllib.load(f)["project"]["dependencies"]
+    assert lines == [next(d for d in deps if d.startswith("torch")), "."]
+    for name in ("job.py", "src", "configs", "requirements.txt", "README.md", "tests", "figs"):
+        assert os.path.exists(os.path.join(REPO, name)), name  # the mission's top-level layout
