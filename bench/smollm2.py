@@ -54,6 +54,7 @@ PINNED = {
     "sigma": 1.0,
     "dev_shot": None,  # k_shot per class, as the reference (the preset's wider dev came later)
 }
+PLACED = {"front": "in front of the sentence", "after_input": "after the sentence, before the cue"}
 MATRIX_SHAPE = ("seeds", "splits", "extras", "extra_seeds")  # which runs the matrix holds: a resumed one may grow
 EXTRA = ("central BBT", "FedBPT, no Eq. 7")  # IID, seeds 1..--extra_seeds
 PAIRED = (  # differences reported per (seed, split)
@@ -217,7 +218,8 @@ def tables(data: dict) -> str:
     lines = [
         f"SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32), SST-2, {a['clients']} clients, {a['rounds']} rounds, "
         f"k_shot {a['k_shot']} per class (train and again dev), n = {a['n_prompt_tokens']} prompt tokens, d = 500, "
-        f"I = 8, lambda = 5; test = the {next(iter(refs.values()))['test_n']} SST-2 validation sentences. Accuracy %, "
+        f"I = 8, lambda = 5; the prompt {PLACED[a.get('placement', 'front')]}; test = the "
+        f"{next(iter(refs.values()))['test_n']} SST-2 validation sentences. Accuracy %, "
         "mean ± std over seeds. Margins are against no prompt on the same seed.",
         f"Machine: {data['machine']}; load average {data['load_start']} at the start, {data.get('load_end')} at the "
         f"end; wall {data.get('wall_seconds', 0) / 60:.1f} min.",
