@@ -101,7 +101,7 @@ def check_memory(cfg: dict, name: str, config, kind: str, task) -> None:
         if torch.cuda.is_available():
             gpu_bytes = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
     device = "cuda" if gpu_bytes is not None else "cpu"
-    examples = 2 * cfg["k_shot"] * task.num_classes  # the whole k-shot train + dev pool: no site holds more
+    examples = (cfg["k_shot"] + cfg["dev_shot"]) * task.num_classes  # the whole train + dev pool: no site holds more
     shape = memory.model_shape(name, config)
     needs = memory.estimate(cfg, shape, kind, examples, KV_BUDGET_BYTES[device], HOLD_BUDGET_BYTES[device])
     total, available = memory.machine_ram()
