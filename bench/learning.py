@@ -51,6 +51,7 @@ METHODS = {
     "FedBPT, paper rule, local TPA": {"local_adaptation": "tpa"},
     "FedAvg-BBT": {"aggregation": "fedavg", "perturb": False, "cov_mode": "none"},
     "FedBPT robust": {"aggregation": "fedbpt_robust"},
+    "FedBPT robust, no Eq. 7": {"aggregation": "fedbpt_robust", "perturb": False},
 }
 # The partition question needs only the two rules on the per-class splits.
 PER_CLASS_METHODS = ("FedBPT, paper rule (Eq. 6)", "FedBPT, reference rule")
@@ -64,6 +65,7 @@ PAIRS = (
     ("FedBPT, reference rule", "FedAvg-BBT"),
     ("FedBPT robust", "FedBPT, paper rule (Eq. 6)"),
     ("FedBPT robust", "FedAvg-BBT"),
+    ("FedBPT robust, no Eq. 7", "FedAvg-BBT"),
 )
 # The perturbation sweep varies the rate of FedBPT as job.py ships it.
 SHIPPED: dict = {}

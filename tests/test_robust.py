@@ -13,6 +13,8 @@ from fedbpt.core.aggregation import (
     mahalanobis_clip_threshold,
     median_local_step,
     rank_weights,
+    shard_weights,
+    weighted_told_points,
 )
 from fedbpt.core.baselines import make_server
 from fedbpt.core.config import DEFAULTS, validate
@@ -43,20 +45,48 @@ def test_median_local_step_hand_checked():
     assert median_local_step(ups[:2]) == pytest.approx(0.6)  # even count: the mean of the middle two
 
 
-def test_robust_server_takes_the_plain_average_of_the_client_means():
-    """Three clients move one unit along e0, e1, e2 from z = 0: the robust mean is (1/3, 1/3, 1/3, 0, ...) whatever
-    their fitnesses; the faithful server puts the largest weight on the best-ranked client (e0 here)."""
-    ups = [_update("site-1", _unit(0), 0.01), _update("site-2", _unit(1), 0.5), _update("site-3", _unit(2), 0.9)]
+def test_shard_weights_and_told_points_hand_checked():
+    ups = [_update("a", np.zeros(D), 0.1, n_train=2), _update("b", np.zeros(D), 0.2, n_train=6)]
+    assert shard_weights(ups).tolist() == [0.25, 0.75]
+    # a CMA-ES with weights 1/2, 1/2 told m + 2 * 0.25 * (x1 - m) and m + 2 * 0.75 * (x2 - m) moves to
+    # m + 0.25 (x1 - m) + 0.75 (x2 - m): from m = (1, 1) to x1 = (3, 1) and x2 = (1, 5), the told points are
+    # (2, 1) and (1, 7), their average (1.5, 4) = (1, 1) + 0.25 (2, 0) + 0.75 (0, 4)
+    told = weighted_told_points(
+        np.array([1.0, 1.0]), [np.array([3.0, 1.0]), np.array([1.0, 5.0])], np.array([0.25, 0.75]), 2
+    )
+    assert [t.tolist() for t in told] == [[2.0, 1.0], [1.0, 7.0]]
+    assert np.mean(told, axis=0).tolist() == [1.5, 4.0]
+
+
+def test_robust_server_takes_the_shard_weighted_average_of_the_client_means():
+    """Three clients with 2, 3 and 5 examples move one unit along e0, e1, e2 from z = 0: the robust mean is
+    (0.2, 0.3, 0.5, 0, ...) whatever their fitnesses; the faithful server puts the largest weight on the
+    best-ranked client (e0 here)."""
+    ups = [
+        _update("site-1", _unit(0), 0.01, n_train=2),
+        _update("site-2", _unit(1), 0.5, n_train=3),
+        _update("site-3", _unit(2), 0.9, n_train=5),
+    ]
     robust, faithful = RobustServerES(D, 1.0, 3, seed=1), ServerES(D, 1.0, 3, seed=1)
     info = robust.aggregate(ups)
     faithful.aggregate(ups)
     expected = np.zeros(D)
-    expected[:3] = 1.0 / 3.0
+    expected[:3] = [0.2, 0.3, 0.5]
     assert np.allclose(robust.state(1).mean, expected, atol=1e-12)
-    assert info.clipped == 0  # a unit move is well inside the clipping radius here
-    assert [info.clients[s]["weight"] for s in ("site-1", "site-2", "site-3")] == pytest.approx([1 / 3] * 3)
+    assert [info.clients[s]["weight"] for s in ("site-1", "site-2", "site-3")] == pytest.approx([0.2, 0.3, 0.5])
     m = faithful.state(1).mean
     assert m[0] > m[1] > m[2] > 0 and m[3:] == pytest.approx(0.0)
+
+
+def test_robust_server_does_not_clip_a_far_client_mean():
+    """A move of 100 along e0 lies far beyond pycma's Mahalanobis limit: the faithful server rescales it onto the
+    limit; the robust one keeps all of it, so the equal-shard average is (50, 0.25, 0, ...)."""
+    ups = [_update("site-1", 100.0 * _unit(0), 0.2), _update("site-2", 0.5 * _unit(1), 0.1)]
+    robust, faithful = RobustServerES(D, 1.0, 2, seed=1), ServerES(D, 1.0, 2, seed=1)
+    info = robust.aggregate(ups)
+    assert info.clipped == 0 and info.clients["site-1"]["kept"] == 1.0
+    assert np.allclose(robust.state(1).mean[:2], [50.0, 0.25], atol=1e-9)
+    assert faithful.aggregate(ups).clipped == 1 and faithful.state(1).mean[0] < 50.0
 
 
 def test_robust_server_sends_the_median_final_local_step_and_keeps_eq6_before_tell():
@@ -95,12 +125,12 @@ def test_fedbpt_robust_is_chosen_by_the_aggregation_option():
 
 
 def test_a_missing_client_is_told_as_the_mean_for_the_robust_server_too():
-    """Two of three clients answer: each answered mean weighs 1/3 and the padded current mean the rest, so the mean
-    moves 2/3 of the way to the answers' average."""
+    """Two of three clients answer, with 1 and 3 examples: the mean moves to the answers' shard-weighted average,
+    (0.25, 0.75, 0, ...); the padded current mean adds nothing."""
     server = RobustServerES(D, 1.0, 3, seed=1)
-    info = server.aggregate([_update("site-1", _unit(0), 0.1), _update("site-2", _unit(1), 0.2)])
+    info = server.aggregate([_update("site-1", _unit(0), 0.1, n_train=1), _update("site-2", _unit(1), 0.2, n_train=3)])
     expected = np.zeros(D)
-    expected[:2] = 1.0 / 3.0
+    expected[:2] = [0.25, 0.75]
     assert np.allclose(server.state(1).mean, expected, atol=1e-12)
     assert set(info.clients) == {"site-1", "site-2"}
 

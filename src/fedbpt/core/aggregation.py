@@ -9,9 +9,10 @@ consequences shape this module:
   sent to the clients is the previous sent step scaled by the change CSA made to that corrected step, as in the
   reference code (:func:`sigma_sent`).
 
-:class:`RobustServerES` (``--aggregation fedbpt_robust``) keeps that server CMA-ES and changes two rules that make
-the faithful one collapse under label skew and drift (docs/algorithm.md, "Robust FedBPT"): every client mean gets
-the same recombination weight, and the step sent on is the median of the clients' final local steps.
+:class:`RobustServerES` (``--aggregation fedbpt_robust``) keeps that server CMA-ES and changes the rules that make
+the faithful one collapse under label skew and drift (docs/algorithm.md, "Robust FedBPT"): the client means are
+recombined with weights by shard size, unclipped, and the step sent on is the median of the clients' final local
+steps.
 """
 
 from __future__ import annotations
@@ -81,6 +82,21 @@ def rank_weights(fitnesses: np.ndarray, weights: list[float]) -> np.ndarray:
     return out
 
 
+def shard_weights(updates: list[ClientUpdate]) -> np.ndarray:
+    """Each client's share of the examples behind this round's answers: the pooled training loss is the
+    shard-weighted mean of the local losses, so these weights aggregate the local moves toward it (FedAvg's)."""
+    n = np.array([u.n_train for u in updates], dtype=np.float64)
+    if n.sum() <= 0:
+        return np.full(len(updates), 1.0 / len(updates))
+    return n / n.sum()
+
+
+def weighted_told_points(mean: np.ndarray, points: list[np.ndarray], weights: np.ndarray, k: int) -> list[np.ndarray]:
+    """The points to tell a CMA-ES that gives each of its k recombined points weight 1/k, so that its new mean is
+    ``mean + sum_i weights[i] (points[i] - mean)``: each move from the mean is scaled by k weights[i]."""
+    return [mean + k * w * (np.asarray(x, dtype=np.float64) - mean) for x, w in zip(points, weights)]
+
+
 def median_local_step(updates: list[ClientUpdate]) -> float:
     """The robust rule's sent step: the median of the clients' final local steps. The local CSA runs shrink their
     step as they converge; carrying the median on lets the federation converge with them (the faithful sent step
@@ -148,6 +164,10 @@ def mahalanobis_clip_threshold(d: int) -> float:
 class ServerES:
     """The global CMA-ES over z in R^d; popsize = mu = the number of clients per round."""
 
+    # pycma rescales told points beyond mahalanobis_clip_threshold onto it, as the paper's and the reference's
+    # server does: all client means are clipped to 84-95% of their move in the measured runs (docs/learning.md)
+    clip = True
+
     def _es_options(self, k: int) -> tuple[int, dict]:
         """(popsize, extra pycma options): K told points, pycma's default decreasing weights by rank (the paper's)."""
         return k, {"CMA_mu": k}
@@ -201,8 +221,9 @@ class ServerES:
             before = sigma_before_tell(self.sigma_rule, fit, sigmas, [u.popsize for u in updates])
             self.es.sigma = before
             limit = mahalanobis_clip_threshold(self.d)
-            dist = np.array([self.es.mahalanobis_norm(u.mean - self.es.mean) for u in updates])
-            clipped = int(np.sum(dist > limit))
+            x = self._told_points(updates)
+            dist = np.array([self.es.mahalanobis_norm(p - self.es.mean) for p in x])
+            clipped = int(np.sum(dist > limit)) if self.clip else 0
             if clipped:
                 log.info(
                     "%d of %d client means lie beyond Mahalanobis distance %.2f: pycma rescales them onto it",
@@ -211,7 +232,6 @@ class ServerES:
                     limit,
                 )
             start = self._mean_in_bounds()  # the mean the clients searched from (the state sent this round)
-            x = [np.asarray(u.mean, dtype=np.float64) for u in updates]
             if len(x) < self.k:
                 # pycma needs mu = K points. A missing client is told as the current mean ranked last: it adds
                 # nothing to the mean shift or the rank-mu update, so the round moves on the answers it got.
@@ -220,40 +240,62 @@ class ServerES:
                 missing = self.k - len(x)
                 x += [self._mean_in_bounds()] * missing
                 fit = np.concatenate([fit, np.full(missing, fit.max() + 1.0)])
-            weights = rank_weights(fit, list(self.es.sp.weights.positive_weights))[: len(updates)]
-            self.es.tell(x, fit.tolist())
+            weights = self._weights(updates, fit)
+            # check_points=False: pycma would rescale points beyond the limit onto it (see `clip`)
+            self.es.tell(x, fit.tolist(), check_points=None if self.clip else False)
             after = float(self.es.sigma)
             # The server's own sigma is reset before every tell, so only the sent step carries over between rounds.
             self.es.sigma = self._sent(updates, after, before)
         self.sent_sigma = float(self.es.sigma)
+        kept = np.minimum(1.0, limit / np.maximum(dist, 1e-300)) if self.clip else np.ones(len(updates))
         return AggregationInfo(
             before,
             self.sent_sigma,
             clipped,
             {"max_mahalanobis": float(dist.max()), "sigma_after_tell": after},
-            client_stats(updates, start, weights, np.minimum(1.0, limit / np.maximum(dist, 1e-300))),
+            client_stats(updates, start, weights, kept),
         )
+
+    def _told_points(self, updates: list[ClientUpdate]) -> list[np.ndarray]:
+        """The points told for the client means (the means themselves)."""
+        return [np.asarray(u.mean, dtype=np.float64) for u in updates]
+
+    def _weights(self, updates: list[ClientUpdate], fit: np.ndarray) -> np.ndarray:
+        """The weight each client mean gets in the new mean (pycma's rank weights on the told fitnesses)."""
+        return rank_weights(fit, list(self.es.sp.weights.positive_weights))[: len(updates)]
 
     def _sent(self, updates: list[ClientUpdate], after: float, before: float) -> float:
         return sigma_sent(self.sigma_rule, after, before, self.sent_sigma)
 
 
 class RobustServerES(ServerES):
-    """FedBPT's server CMA-ES with two rules changed; the local search, the wire and Eq. 6 stay the paper's.
+    """FedBPT's server CMA-ES with three rules changed; the local search, the wire and Eq. 6 stay the paper's.
 
-    1. Equal weights. pycma's default recombination weights decrease with the rank of the uploaded local fitness.
-       A client whose few examples are (nearly) one class reaches near-zero loss with a prompt that predicts that
-       class for everything, so the most skewed client ranks first and pulls the global prompt its way every round
-       (measured: docs/algorithm.md). Here each of the K client means weighs 1/K, the mean update of FedAvg, while
-       the server still adapts and sends the covariance. pycma requires a last weight <= 0, so the ES has K + 1
-       points: the K client means and, ranked last with weight 0, the current mean (it moves nothing).
-    2. The sent step is the median of the clients' final local steps (:func:`median_local_step`), not the
+    1. Weights by shard size. pycma's default recombination weights decrease with the rank of the uploaded local
+       fitness. A client whose few examples are (nearly) one class reaches near-zero loss with a prompt that
+       predicts that class for everything, so the most skewed client ranks first and pulls the global prompt its way
+       every round (measured: docs/algorithm.md). Here client k's mean weighs n_k / sum n, its share of the pooled
+       training loss, as in FedAvg; fitness plays no part. pycma's weights are fixed per rank, so the ES recombines
+       K + 1 points with weights 1/K, ..., 1/K, 0 and is told each client's move scaled by K n_k / sum n
+       (:func:`weighted_told_points`) and, last with weight 0, the current mean.
+    2. No clipping. The faithful server's Mahalanobis clipping keeps a share of each move that depends on Eq. 6's
+       step, which the local searches did not use; it would also cut back the scaled move of a large shard.
+    3. The sent step is the median of the clients' final local steps (:func:`median_local_step`), not the
        faithful ratio x previous sent step, which the server's CSA at popsize K in d = 500 keeps within about 1%
        of 1 a round, so the clients keep searching at about sigma0 and walk away from what they found.
     """
 
+    clip = False
+
     def _es_options(self, k: int) -> tuple[int, dict]:
         return k + 1, {"CMA_mu": k + 1, "CMA_recombination_weights": [1.0] * k + [0.0]}
+
+    def _told_points(self, updates: list[ClientUpdate]) -> list[np.ndarray]:
+        mean = np.array(self.es.mean, dtype=np.float64)
+        return weighted_told_points(mean, [u.mean for u in updates], shard_weights(updates), self.k - 1)
+
+    def _weights(self, updates: list[ClientUpdate], fit: np.ndarray) -> np.ndarray:
+        return shard_weights(updates)
 
     def _sent(self, updates: list[ClientUpdate], after: float, before: float) -> float:
         return median_local_step(updates)
