@@ -423,6 +423,7 @@ def plot(records: list[dict], path: str, methods: dict, args) -> None:
     splits = [s for s in SPLITS if any(r["split"] == s for r in records)]
     methods = [m for m in methods if any(r["method"] == m for r in records)]
     fig, axes = plt.subplots(2, len(splits), figsize=(4.4 * len(splits), 7.0), sharey="row", squeeze=False)
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}  # one colour per method in every panel
     for col, split in enumerate(splits):
         for m in methods:
             rs = [r for r in records if r["split"] == split and r["method"] == m]
@@ -431,9 +432,9 @@ def plot(records: list[dict], path: str, methods: dict, args) -> None:
             acc = np.array([[x["train_acc"] for x in r["rounds"]] + [r["final"]["train_acc"]] for r in rs], dtype=float)
             sig = np.array([[x["sigma"] for x in r["rounds"]] for r in rs], dtype=float)
             x = np.arange(acc.shape[1])
-            (line,) = axes[0][col].plot(x, acc.mean(0), label=m, lw=1.5)
-            axes[0][col].fill_between(x, acc.min(0), acc.max(0), alpha=0.12, color=line.get_color())
-            axes[1][col].plot(np.arange(1, sig.shape[1] + 1), sig.mean(0), lw=1.5, color=line.get_color())
+            axes[0][col].plot(x, acc.mean(0), label=m, lw=1.5, color=colors[m])
+            axes[0][col].fill_between(x, acc.min(0), acc.max(0), alpha=0.12, color=colors[m])
+            axes[1][col].plot(np.arange(1, sig.shape[1] + 1), sig.mean(0), lw=1.5, color=colors[m])
         axes[0][col].set_title(f"planted task, {split}", fontsize=9)
         axes[1][col].set_yscale("log")
         axes[1][col].set_xlabel("round")
@@ -441,8 +442,9 @@ def plot(records: list[dict], path: str, methods: dict, args) -> None:
             ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("global train accuracy (mean; band: min-max)")
     axes[1][0].set_ylabel("sigma sent to the clients (mean)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=colors[m], lw=1.5) for m in methods]
+    fig.legend(handles, methods, loc="lower center", ncol=min(len(methods), 4), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     save_figure(fig, path)
 
 

@@ -133,6 +133,11 @@ CASES = [
     # option values
     ("seed_negative", flags("--seed", "-1"), "--seed must be an integer in [0, 2**63 - 1]"),
     ("seed_too_large", flags("--seed", str(2**64)), "--seed must be an integer in [0, 2**63 - 1]"),
+    (
+        "robust_with_bound",
+        flags("--aggregation", "fedbpt_robust", "--bound", "1"),
+        "--aggregation fedbpt_robust searches unbounded: use --bound 0",
+    ),
     ("job_name_slash", flags("--job_name", "a/b"), "--job_name 'a/b' is not a folder name"),
     ("job_name_space", flags("--job_name", "my job"), "--job_name 'my job' is not a folder name"),
     ("job_name_dotdot", flags("--job_name", ".."), "--job_name '..' is not a folder name"),

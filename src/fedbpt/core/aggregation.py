@@ -11,8 +11,7 @@ consequences shape this module:
 
 :class:`RobustServerES` (``--aggregation fedbpt_robust``) keeps that server CMA-ES and changes the rules that make
 the faithful one collapse under label skew and drift (docs/algorithm.md, "Robust FedBPT"): the client means are
-recombined with weights by shard size, unclipped, and the step sent on is the median of the clients' final local
-steps.
+recombined with weights by shard size, and the step sent on is the median of the clients' final local steps.
 """
 
 from __future__ import annotations
@@ -164,9 +163,9 @@ def mahalanobis_clip_threshold(d: int) -> float:
 class ServerES:
     """The global CMA-ES over z in R^d; popsize = mu = the number of clients per round."""
 
-    # pycma rescales told points beyond mahalanobis_clip_threshold onto it, as the paper's and the reference's
-    # server does: all client means are clipped to 84-95% of their move in the measured runs (docs/learning.md)
-    clip = True
+    # pycma's tell() rescales told points beyond mahalanobis_clip_threshold onto it (None: its default check), as
+    # the paper's and the reference's server does: all client means kept 84-95% of their move in the measured runs
+    check_points = None
 
     def _es_options(self, k: int) -> tuple[int, dict]:
         """(popsize, extra pycma options): K told points, pycma's default decreasing weights by rank (the paper's)."""
@@ -221,17 +220,18 @@ class ServerES:
             before = sigma_before_tell(self.sigma_rule, fit, sigmas, [u.popsize for u in updates])
             self.es.sigma = before
             limit = mahalanobis_clip_threshold(self.d)
-            x = self._told_points(updates)
-            dist = np.array([self.es.mahalanobis_norm(p - self.es.mean) for p in x])
-            clipped = int(np.sum(dist > limit)) if self.clip else 0
+            dist = np.array([self.es.mahalanobis_norm(u.mean - self.es.mean) for u in updates])
+            kept = np.minimum(1.0, limit / np.maximum(dist, 1e-300))  # the share of each move the clipping keeps
+            clipped = int(np.sum(dist > limit))
             if clipped:
                 log.info(
-                    "%d of %d client means lie beyond Mahalanobis distance %.2f: pycma rescales them onto it",
+                    "%d of %d client means lie beyond Mahalanobis distance %.2f: they are rescaled onto it",
                     clipped,
                     len(updates),
                     limit,
                 )
             start = self._mean_in_bounds()  # the mean the clients searched from (the state sent this round)
+            x = self._told_points(updates, kept)
             if len(x) < self.k:
                 # pycma needs mu = K points. A missing client is told as the current mean ranked last: it adds
                 # nothing to the mean shift or the rank-mu update, so the round moves on the answers it got.
@@ -241,13 +241,11 @@ class ServerES:
                 x += [self._mean_in_bounds()] * missing
                 fit = np.concatenate([fit, np.full(missing, fit.max() + 1.0)])
             weights = self._weights(updates, fit)
-            # check_points=False: pycma would rescale points beyond the limit onto it (see `clip`)
-            self.es.tell(x, fit.tolist(), check_points=None if self.clip else False)
+            self.es.tell(x, fit.tolist(), check_points=self.check_points)
             after = float(self.es.sigma)
             # The server's own sigma is reset before every tell, so only the sent step carries over between rounds.
             self.es.sigma = self._sent(updates, after, before)
         self.sent_sigma = float(self.es.sigma)
-        kept = np.minimum(1.0, limit / np.maximum(dist, 1e-300)) if self.clip else np.ones(len(updates))
         return AggregationInfo(
             before,
             self.sent_sigma,
@@ -256,8 +254,8 @@ class ServerES:
             client_stats(updates, start, weights, kept),
         )
 
-    def _told_points(self, updates: list[ClientUpdate]) -> list[np.ndarray]:
-        """The points told for the client means (the means themselves)."""
+    def _told_points(self, updates: list[ClientUpdate], kept: np.ndarray) -> list[np.ndarray]:
+        """The points told for the client means: the means themselves; pycma clips them (``check_points``)."""
         return [np.asarray(u.mean, dtype=np.float64) for u in updates]
 
     def _weights(self, updates: list[ClientUpdate], fit: np.ndarray) -> np.ndarray:
@@ -269,30 +267,29 @@ class ServerES:
 
 
 class RobustServerES(ServerES):
-    """FedBPT's server CMA-ES with three rules changed; the local search, the wire and Eq. 6 stay the paper's.
+    """FedBPT's server CMA-ES with two rules changed; the local search, the wire and Eq. 6 stay the paper's.
 
     1. Weights by shard size. pycma's default recombination weights decrease with the rank of the uploaded local
        fitness. A client whose few examples are (nearly) one class reaches near-zero loss with a prompt that
        predicts that class for everything, so the most skewed client ranks first and pulls the global prompt its way
        every round (measured: docs/algorithm.md). Here client k's mean weighs n_k / sum n, its share of the pooled
        training loss, as in FedAvg; fitness plays no part. pycma's weights are fixed per rank, so the ES recombines
-       K + 1 points with weights 1/K, ..., 1/K, 0 and is told each client's move scaled by K n_k / sum n
-       (:func:`weighted_told_points`) and, last with weight 0, the current mean.
-    2. No clipping. The faithful server's Mahalanobis clipping keeps a share of each move that depends on Eq. 6's
-       step, which the local searches did not use; it would also cut back the scaled move of a large shard.
-    3. The sent step is the median of the clients' final local steps (:func:`median_local_step`), not the
+       K + 1 points with weights 1/K, ..., 1/K, 0 and is told each client's move, clipped as the faithful server
+       clips it, scaled by K n_k / sum n (:func:`weighted_told_points`) and, last with weight 0, the current mean.
+    2. The sent step is the median of the clients' final local steps (:func:`median_local_step`), not the
        faithful ratio x previous sent step, which the server's CSA at popsize K in d = 500 keeps within about 1%
        of 1 a round, so the clients keep searching at about sigma0 and walk away from what they found.
     """
 
-    clip = False
+    check_points = False  # the moves are clipped in _told_points, before the weights scale them
 
     def _es_options(self, k: int) -> tuple[int, dict]:
         return k + 1, {"CMA_mu": k + 1, "CMA_recombination_weights": [1.0] * k + [0.0]}
 
-    def _told_points(self, updates: list[ClientUpdate]) -> list[np.ndarray]:
+    def _told_points(self, updates: list[ClientUpdate], kept: np.ndarray) -> list[np.ndarray]:
         mean = np.array(self.es.mean, dtype=np.float64)
-        return weighted_told_points(mean, [u.mean for u in updates], shard_weights(updates), self.k - 1)
+        clipped = [mean + f * (np.asarray(u.mean, dtype=np.float64) - mean) for u, f in zip(updates, kept)]
+        return weighted_told_points(mean, clipped, shard_weights(updates), self.k - 1)
 
     def _weights(self, updates: list[ClientUpdate], fit: np.ndarray) -> np.ndarray:
         return shard_weights(updates)

@@ -472,6 +472,9 @@ def validate(cfg: dict) -> dict:
             raise ConfigError(f"--data_dir {cfg['data_dir']} is not a directory")
     if cfg["checkpoint_every"] < 0:
         raise ConfigError(f"--checkpoint_every must be 0 (never) or more, got {cfg['checkpoint_every']}")
+    if cfg["aggregation"] == "fedbpt_robust" and cfg["bound"] > 0:
+        # its told points are the clients' moves scaled by their shard weights, which may leave the box
+        raise ConfigError("--aggregation fedbpt_robust searches unbounded: use --bound 0, or --aggregation fedbpt")
     if cfg["resume"] and cfg["aggregation"] not in SERVER_ES:
         raise ConfigError(
             "--resume works with --aggregation fedbpt or fedbpt_robust only (the baselines keep no checkpoint)"
