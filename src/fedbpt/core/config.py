@@ -134,9 +134,9 @@ HELP = {
     "server_sigma": "paper: Eq. 6 sets the server step before tell, the step sent is (after / before) x previous "
     "sent; reference: the NVFlare example's rule; eq6_sent: ablation that sends the post-tell step (diverges)",
     "local_adaptation": "step-size adaptation of the local CMA-ES: csa (as cma 3.4, which the reference pinned) or tpa",
-    "aggregation": "fedbpt: server CMA-ES (paper); fedbpt_robust: the same with the client means weighted by shard size "
-    "and the median final local step sent on (does not collapse under label skew; docs/algorithm.md); fedavg: FedAvg-BBT "
-    "baseline; local: clients search alone (baseline)",
+    "aggregation": "fedbpt: server CMA-ES (paper); fedbpt_robust: the same with the client means weighted by shard "
+    "size and the median final local step sent on (does not collapse under label skew; docs/algorithm.md); fedavg: "
+    "FedAvg-BBT baseline; local: clients search alone (baseline)",
     "cov_mode": "covariance sent to clients: full (float32 triangle), diag, none",
     "precision": "dtype the model's weights are loaded and run in: fp32; bf16 or fp16: half the memory (CUDA "
     "only: a CPU without bf16 units emulates them); A and A z stay fp32, cast once to the weights' dtype",
