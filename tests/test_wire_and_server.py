@@ -186,7 +186,7 @@ def test_the_server_covariance_stays_the_identity_at_d500(robust):
     rates at d = 500 with 10 told points are below 1e-4 a tell (c1 8.0e-6; c_mu 3.5e-5 with rank weights, 6.6e-5
     with the robust server's equal slots), so after 30 rounds of client moves as long as the measured ones (42-49 in z
     at sigma 0.9, near pycma's clipping radius) the diagonal is within 0.2% of 1 and no off-diagonal entry reaches
-    0.002. The yardstick's paired cov-mode runs say the same (docs/communication.md)."""
+    0.002. docs/learning.md, "Covariance sent", reads the cov-mode runs with this."""
     from fedbpt.core.aggregation import RobustServerES
 
     d, k = 500, 10
