@@ -13,7 +13,8 @@ bench/results/collapse.md (tables), collapse_runs.json (every round) and figs/co
 
 The readings the tables support: with pycma's rank weights, the client whose shard is most skewed reaches the
 lowest local fitness and gets the largest weight; the global prompt then predicts one class; the sent step stays
-near sigma0 while the clients' own final steps shrink.
+near sigma0 while the clients' own final steps shrink. For the robust option the tables also count the rounds whose
+sent mean lost to the best one so far, and name the round it went back to.
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ def run_config(args, seed: int, method: str) -> dict:
         attn_implementation="eager",
         test_eval="end",
         model_cache_dir=args.cache,
-        **METHODS[method],
+        cov_mode="diag",  # the saved runs' FedBPT message (FedAvg-BBT sends none)
     )
+    cfg.update(METHODS[method])
     return validate(cfg)
 
 
@@ -84,7 +86,16 @@ def run_one(args, seed: int, method: str) -> dict:
     rows = [
         {
             k: r.get(k)
-            for k in ("round", "train_acc", "train_loss", "sigma", "sigma_local_median", "clipped", "client_stats")
+            for k in (
+                "round",
+                "train_acc",
+                "train_loss",
+                "sigma",
+                "sigma_local_median",
+                "clipped",
+                "client_stats",
+                "restored_to",
+            )
         }
         for r in summary.rounds
     ]
@@ -137,8 +148,8 @@ def report(records: list[dict], args) -> str:
         "",
         "| seed | method | train acc r0 -> r1 -> r2 -> r3 -> final | max train | sent step at end | median final "
         "local step at end | weight of the most skewed client (mean over rounds) | Spearman(skew, weight) "
-        "| clipped per round | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| clipped per round | rounds sent back to the best mean | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rec in records:
         accs = [r["train_acc"] for r in rec["rounds"]]
@@ -147,10 +158,11 @@ def report(records: list[dict], args) -> str:
         w = weight_of_most_skewed(rec)
         corr = skew_weight_correlation(rec)
         clipped = np.mean([r["clipped"] or 0 for r in rec["rounds"]])
+        back = sum(r.get("restored_to") is not None for r in rec["rounds"])  # robust FedBPT's incumbent
         lines.append(
             f"| {rec['seed']} | {rec['method']} | {path} | {max(accs + [rec['final']['train_acc']]):.3f} "
             f"| {last['sigma']:.3f} | {last['sigma_local_median']:.3f} | {np.mean(w):.3f} "
-            f"| {'-' if np.isnan(corr) else f'{corr:+.2f}'} | {clipped:.1f} | {rec['seconds']:.0f} |"
+            f"| {'-' if np.isnan(corr) else f'{corr:+.2f}'} | {clipped:.1f} | {back} | {rec['seconds']:.0f} |"
         )
     lines += ["", "### Round by round, first seed (label mix counted in the benchmark; never sent by a site)", ""]
     first = records[0]["seed"]
@@ -159,10 +171,10 @@ def report(records: list[dict], args) -> str:
         lines += [
             f"#### {rec['method']}",
             "",
-            "| round | train acc | sent step | median final local step | "
+            "| round | train acc | sent step | median final local step | back to round | "
             + " | ".join(f"{s} {rec['label_mix'][s]}: fitness / weight / moved / kept" for s in sites)
             + " |",
-            "|---|---|---|---|" + "---|" * len(sites),
+            "|---|---|---|---|---|" + "---|" * len(sites),
         ]
         for r in rec["rounds"][: args.table_rounds]:
             cells = []
@@ -173,8 +185,9 @@ def report(records: list[dict], args) -> str:
                     if st is None
                     else f"{st['fitness']:.3f} / {st['weight']:.2f} / {st['moved']:.1f} / {st['kept']:.2f}"
                 )
+            back = "-" if r.get("restored_to") is None else str(r["restored_to"])
             lines.append(
-                f"| {r['round']} | {r['train_acc']:.3f} | {r['sigma']:.3f} | {r['sigma_local_median']:.3f} | "
+                f"| {r['round']} | {r['train_acc']:.3f} | {r['sigma']:.3f} | {r['sigma_local_median']:.3f} | {back} | "
                 + " | ".join(cells)
                 + " |"
             )

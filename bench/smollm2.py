@@ -53,6 +53,7 @@ PINNED = {
     "local_popsize": 5,
     "sigma": 1.0,
     "dev_shot": None,  # k_shot per class, as the reference (the preset's wider dev came later)
+    "cov_mode": "diag",  # FedBPT's runs sent the diagonal (the methods that send none say so)
 }
 PLACED = {"front": "in front of the sentence", "after_input": "after the sentence, before the cue"}
 MATRIX_SHAPE = ("seeds", "splits", "extras", "extra_seeds")  # which runs the matrix holds: a resumed one may grow
@@ -63,6 +64,7 @@ PAIRED = (  # differences reported per (seed, split)
     ("FedBPT robust", "FedBPT"),
     ("FedBPT robust", "FedAvg-BBT"),
     ("FedBPT robust, no Eq. 7", "FedAvg-BBT"),
+    ("FedBPT robust, no Eq. 7", "FedBPT, no Eq. 7"),
 )
 
 
@@ -168,7 +170,8 @@ def run_one(job: tuple, args) -> dict:
     finally:
         pool.close()
     seconds = time.time() - t0
-    rows = [{k: r.get(k) for k in ("round", "train_acc", "train_loss", "dev_acc", "sigma")} for r in summary.rounds]
+    keys = ("round", "train_acc", "train_loss", "dev_acc", "sigma", "restored_to")
+    rows = [{k: r.get(k) for k in keys} for r in summary.rounds]
     rec = {
         "seed": seed,
         "split": split,
@@ -277,9 +280,9 @@ def plot(data: dict, path: str) -> None:
     import numpy as np
 
     refs = {int(k): v for k, v in data["references"].items()}
-    fig, axes = plt.subplots(2, len(SPLITS), figsize=(5.5 * len(SPLITS), 7.5), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(3, len(SPLITS), figsize=(5.5 * len(SPLITS), 10.5), sharex=True, squeeze=False)
     for col, split in enumerate(SPLITS):
-        ax, ax_loss = axes[0][col], axes[1][col]
+        ax, ax_loss, ax_sigma = axes[0][col], axes[1][col], axes[2][col]
         for m in METHODS:
             rs = [r for r in data["records"] if r["split"] == split and r["method"] == m]
             if not rs:
@@ -295,6 +298,8 @@ def plot(data: dict, path: str) -> None:
             loss = np.array([[x["train_loss"] for x in r["rounds"]] for r in rs], dtype=float)
             ax_loss.plot(np.arange(loss.shape[1]), loss.mean(0), color=line.get_color(), lw=1.6, label=m)
             ax_loss.fill_between(np.arange(loss.shape[1]), loss.min(0), loss.max(0), alpha=0.12, color=line.get_color())
+            sigma = np.array([[x["sigma"] for x in r["rounds"]] for r in rs], dtype=float)
+            ax_sigma.plot(np.arange(sigma.shape[1]), sigma.mean(0), color=line.get_color(), lw=1.6, label=m)
         for key, style, name in (
             ("no_prompt", "--", "no prompt"),
             ("calibrated_no_prompt", ":", "calibrated no prompt"),
@@ -304,10 +309,12 @@ def plot(data: dict, path: str) -> None:
                 ax.axhline(mean, color="k" if key == "no_prompt" else "grey", ls=style, lw=1, label=f"{name} (test)")
         ax.set_title(f"SmolLM2-135M, SST-2, {split}")
         ax.grid(alpha=0.3)
-        ax_loss.set_xlabel("round")
         ax_loss.grid(alpha=0.3)
+        ax_sigma.set(xlabel="round", yscale="log")
+        ax_sigma.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy % (mean over seeds; band: min-max)")
     axes[1][0].set_ylabel("global train loss (ce; mean, band: min-max)")
+    axes[2][0].set_ylabel("step sent to the clients (mean over seeds)")
     axes[0][0].legend(fontsize=7, loc="upper left")
     axes[1][-1].legend(fontsize=7, loc="upper right")
     fig.tight_layout()

@@ -49,6 +49,8 @@ def fake_round(fed: Federation, rnd: int) -> None:
             "dev_confusion": rng.integers(0, 3, size=(2, 2)),
         }
         results[s]["dev_n"] = int(results[s]["dev_confusion"].sum())  # the server checks the counts agree
+        # the training loss at the received mean (robust FedBPT's incumbent compares these)
+        results[s].update(train_loss=float(rng.random()), train_n=3, train_correct=int(rng.integers(0, 4)))
     fed.finish_round(rnd, targets, results)
     np.random.rand(5)  # other users of numpy's global generator (in-process local searches) advance it
 

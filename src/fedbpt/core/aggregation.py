@@ -11,7 +11,8 @@ consequences shape this module:
 
 :class:`RobustServerES` (``--aggregation fedbpt_robust``) keeps that server CMA-ES and changes the rules that make
 the faithful one collapse under label skew and drift (docs/algorithm.md, "Robust FedBPT"): the client means are
-recombined with weights by shard size, and the step sent on is the median of the clients' final local steps.
+recombined with weights by shard size, the step sent on is the median of the clients' final local steps, and the
+server keeps the best mean so far by the pooled training loss the clients report for the mean they received.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class ClientUpdate:
     popsize: int
     n_train: int
     sigma_final: float  # the local step after the last tell (FedAvg-BBT and local-only continue from it)
+    start_loss: float | None = None  # the site's training loss at the mean it received (its upload's train_loss)
 
 
 @dataclass
@@ -101,6 +103,23 @@ def median_local_step(updates: list[ClientUpdate]) -> float:
     step as they converge; carrying the median on lets the federation converge with them (the faithful sent step
     stays near sigma0 for hundreds of rounds), and the median ignores a client whose step blew up or collapsed."""
     return float(np.median([u.sigma_final for u in updates]))
+
+
+def pooled_loss(losses: dict[str, tuple[float, int]], sites) -> float:
+    """The shard-weighted mean of the sites' (loss, n_train) over ``sites``: the training loss on their union."""
+    n = np.array([losses[s][1] for s in sites], dtype=np.float64)
+    loss = np.array([losses[s][0] for s in sites], dtype=np.float64)
+    return float(np.sum(n * loss) / np.sum(n))
+
+
+def improves_on(round_losses: dict[str, tuple[float, int]], incumbent_losses: dict[str, tuple[float, int]]) -> bool:
+    """Whether the mean behind ``round_losses`` is at least as good as the incumbent: the pooled training loss of both
+    on the sites that reported for both (all of them when every client takes part). No common site, no evidence:
+    the round's mean is taken."""
+    common = sorted(set(round_losses) & set(incumbent_losses))
+    if not common:
+        return True
+    return pooled_loss(round_losses, common) <= pooled_loss(incumbent_losses, common)
 
 
 def paper_sigma(fitnesses: np.ndarray, sigmas: list[np.ndarray], popsizes: list[int]) -> float:
@@ -267,7 +286,7 @@ class ServerES:
 
 
 class RobustServerES(ServerES):
-    """FedBPT's server CMA-ES with two rules changed; the local search, the wire and Eq. 6 stay the paper's.
+    """FedBPT's server CMA-ES with three rules changed; the local search, the wire and Eq. 6 stay the paper's.
 
     1. Weights by shard size. pycma's default recombination weights decrease with the rank of the uploaded local
        fitness. A client whose few examples are (nearly) one class reaches near-zero loss with a prompt that
@@ -279,20 +298,97 @@ class RobustServerES(ServerES):
     2. The sent step is the median of the clients' final local steps (:func:`median_local_step`), not the
        faithful ratio x previous sent step, which the server's CSA at popsize K in d = 500 keeps within about 1%
        of 1 a round, so the clients keep searching at about sigma0 and walk away from what they found.
+    3. The server keeps the best mean so far (the incumbent). Every upload carries the site's training loss at the
+       mean it received; pooled over the sites, that is the federated objective at the mean the server sent. A
+       round whose sent mean is worse than the incumbent (:func:`improves_on`) was searched from a worse point:
+       its client means are replaced by the incumbent, so the next round searches from it again, with the next
+       (smaller) median local step. Under strong label skew the averaged local moves drift the global prompt
+       away from a good one (every method, FedAvg-BBT too); this stops the drift at no extra query or byte.
     """
 
     check_points = False  # the moves are clipped in _told_points, before the weights scale them
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rounds_done = 0  # aggregations so far: the round whose sent mean the next uploads evaluated
+        self.incumbent: np.ndarray | None = None  # the best sent mean so far by the pooled training loss
+        self.incumbent_round: int | None = None
+        self.incumbent_losses: dict[str, tuple[float, int]] = {}  # site -> (training loss, n_train) there
+        self._restore = False  # this round's uploads searched from a mean worse than the incumbent
+
     def _es_options(self, k: int) -> tuple[int, dict]:
         return k + 1, {"CMA_mu": k + 1, "CMA_recombination_weights": [1.0] * k + [0.0]}
 
+    def aggregate(self, updates: list[ClientUpdate]) -> AggregationInfo:
+        losses = {u.site: (float(u.start_loss), int(u.n_train)) for u in updates if u.start_loss is not None}
+        sent = np.array(self.es.mean, dtype=np.float64)
+        # after a round that went back, the sent mean is the incumbent (to pycma's rounding): it is taken as it is,
+        # since a re-evaluation that differs in the last digits must not send the federation back again and again
+        again = self._restore
+        self._restore = self.incumbent is not None and not again and not improves_on(losses, self.incumbent_losses)
+        if not self._restore:
+            self.incumbent, self.incumbent_round, self.incumbent_losses = sent, self.rounds_done, losses
+        info = super().aggregate(updates)
+        info.notes["restored_to"] = self.incumbent_round if self._restore else None
+        self.rounds_done += 1
+        return info
+
     def _told_points(self, updates: list[ClientUpdate], kept: np.ndarray) -> list[np.ndarray]:
         mean = np.array(self.es.mean, dtype=np.float64)
+        if self._restore:  # every answer moved from a worse mean: the moves add up to the way back to the incumbent
+            n = len(updates)
+            return weighted_told_points(mean, [self.incumbent] * n, np.full(n, 1.0 / n), self.k - 1)
         clipped = [mean + f * (np.asarray(u.mean, dtype=np.float64) - mean) for u, f in zip(updates, kept)]
         return weighted_told_points(mean, clipped, shard_weights(updates), self.k - 1)
 
     def _weights(self, updates: list[ClientUpdate], fit: np.ndarray) -> np.ndarray:
-        return shard_weights(updates)
+        return np.zeros(len(updates)) if self._restore else shard_weights(updates)
 
     def _sent(self, updates: list[ClientUpdate], after: float, before: float) -> float:
         return median_local_step(updates)
+
+    def incumbent_state(self) -> tuple[dict, dict]:
+        """(numbers, arrays) a checkpoint keeps of the incumbent, so a resumed run restores to the same mean."""
+        numbers = {
+            "rounds_done": self.rounds_done,
+            "round": self.incumbent_round,
+            "losses": {s: [loss, n] for s, (loss, n) in sorted(self.incumbent_losses.items())},
+            "went_back": self._restore,
+        }
+        return numbers, ({} if self.incumbent is None else {"incumbent": self.incumbent.copy()})
+
+    def load_incumbent_state(self, numbers: dict, arrays: dict) -> None:
+        """Inverse of :meth:`incumbent_state` (checked by :func:`parse_incumbent_state`)."""
+        state = parse_incumbent_state(numbers, arrays, self.d)
+        self.rounds_done, self.incumbent_round, self.incumbent_losses, self.incumbent, self._restore = state
+
+
+def parse_incumbent_state(numbers: dict, arrays: dict, d: int) -> tuple:
+    """(rounds_done, round, losses, mean, went_back) from :meth:`RobustServerES.incumbent_state`'s output as a
+    checkpoint stores it; raises ValueError naming the field that does not fit."""
+    if not isinstance(numbers, dict):
+        raise ValueError(f"incumbent is {type(numbers).__name__}, not a map")
+    rounds_done, rnd, losses = numbers.get("rounds_done"), numbers.get("round"), numbers.get("losses")
+    went_back = numbers.get("went_back", False)
+    if not isinstance(went_back, bool):
+        raise ValueError(f"incumbent.went_back is {went_back!r}, not true or false")
+    if isinstance(rounds_done, bool) or not isinstance(rounds_done, int) or rounds_done < 0:
+        raise ValueError(f"incumbent.rounds_done is {rounds_done!r}, not a round count")
+    if not isinstance(losses, dict):
+        raise ValueError(f"incumbent.losses is {type(losses).__name__}, not a site -> [loss, n] map")
+    parsed = {}
+    for site, v in losses.items():
+        ok = isinstance(v, list) and len(v) == 2 and isinstance(v[1], int) and not isinstance(v[1], bool)
+        if not ok or isinstance(v[0], bool) or not isinstance(v[0], (int, float)) or not np.isfinite(v[0]):
+            raise ValueError(f"incumbent.losses[{site!r}] is {v!r}, not [finite loss, n_train]")
+        parsed[str(site)] = (float(v[0]), int(v[1]))
+    if rnd is None:
+        if "incumbent" in arrays or parsed or went_back:
+            raise ValueError("incumbent.round is null, yet an incumbent is stored")
+        return rounds_done, None, parsed, None, False
+    if isinstance(rnd, bool) or not isinstance(rnd, int) or not 0 <= rnd < rounds_done:
+        raise ValueError(f"incumbent.round is {rnd!r}, not a round before {rounds_done}")
+    mean = np.asarray(arrays.get("incumbent", np.empty(0)), dtype=np.float64)
+    if mean.shape != (d,) or not np.all(np.isfinite(mean)):
+        raise ValueError(f"the incumbent mean is missing, not finite or not of shape ({d},)")
+    return rounds_done, rnd, parsed, mean.copy(), went_back

@@ -19,6 +19,7 @@ import zipfile
 
 import numpy as np
 
+from fedbpt.core.aggregation import parse_incumbent_state
 from fedbpt.core.config import SERVER_ES
 from fedbpt.core.summary import _json_default, atomic_write
 from fedbpt.errors import CheckpointError
@@ -203,6 +204,10 @@ def _set_generator_state(rng: np.random.Generator, s: dict) -> None:
     }
 
 
+def _incumbent_arrays(arrays: dict) -> dict:
+    return {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("incumbent.")}
+
+
 def fingerprint(cfg: dict) -> dict:
     return {k: cfg[k] for k in MUST_MATCH}
 
@@ -216,6 +221,9 @@ def to_bytes(fed, rounds_done: int) -> bytes:
     arrays["np_global_keys"] = np.asarray(keys, dtype=np.uint32)
     if fed.summary.best_z is not None:
         arrays["best_z"] = np.asarray(fed.summary.best_z, dtype=np.float64)
+    incumbent = fed.server.incumbent_state() if hasattr(fed.server, "incumbent_state") else None
+    if incumbent is not None:  # robust FedBPT's best mean so far
+        arrays.update({f"incumbent.{k}": v for k, v in incumbent[1].items()})
     header = {
         "format": FORMAT,
         "version": VERSION,
@@ -231,6 +239,8 @@ def to_bytes(fed, rounds_done: int) -> bytes:
         "np_global": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "summary": {"rounds": fed.summary.rounds, "best": fed.summary.best},
     }
+    if incumbent is not None:
+        header["incumbent"] = incumbent[0]
     text = json.dumps(header, default=_json_default, allow_nan=True)
     arrays["header"] = np.frombuffer(text.encode(), dtype=np.uint8)
     buf = io.BytesIO()
@@ -449,6 +459,11 @@ def _validate(header: dict, arrays: dict) -> None:
     _validate_pcg64(header["sampler_rng"], "sampler_rng")
     _validate_mt19937(header["np_global"], arrays)
     _validate_summary(header["summary"], arrays, rounds_done, d)
+    if "incumbent" in header:
+        try:
+            parse_incumbent_state(header["incumbent"], _incumbent_arrays(arrays), d)
+        except ValueError as exc:
+            raise _Invalid("incumbent", f"does not fit: {exc}") from None
     for name, a in arrays.items():  # any other float array the file carries
         if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
             raise _Invalid(name, "has NaN or inf")
@@ -635,6 +650,10 @@ def restore(fed, ckpt: Checkpoint) -> int:
     fed.summary.rounds = list(h["summary"]["rounds"])
     fed.summary.best = dict(h["summary"]["best"])
     fed.summary.best_z = np.array(a["best_z"]) if "best_z" in a else None
+    if hasattr(fed.server, "load_incumbent_state"):
+        # a robust run's checkpoint written without its incumbent: the server starts keeping one from here
+        numbers = h.get("incumbent", {"rounds_done": ckpt.round, "round": None, "losses": {}})
+        fed.server.load_incumbent_state(numbers, _incumbent_arrays(a))
     log.info("resumed from %s after round %d", ckpt.path, ckpt.round - 1)
     return ckpt.round
 

@@ -59,11 +59,12 @@ DEFAULTS: dict = {
     "site_metrics": "pooled",
     # paper: Eq. 6 with the reference's sent-step code, as faithful as the reference rule and not measurably different
     # from it on the yardstick (bench.learning, 15 seed-split pairs: +0.3 points test accuracy of the dev-selected
-    # prompt, range -8.2..+6.0; README "Learning yardstick"). diag: within 0.5 points of full covariance at 6,024
-    # instead of 505,024 bytes, measured under a step rule that held the sent step in [0.5, 1] (README "Communication").
+    # prompt, range -8.2..+6.0; README "Learning yardstick"). none: the paper's message, the mean alone (4,024 bytes);
+    # diag and full are not measurably better for the faithful or the robust server, since pycma's covariance stays
+    # the identity at d = 500 with K <= 10 told points (docs/learning.md, "Covariance sent").
     "server_sigma": "paper",
     "local_adaptation": "csa",
-    "cov_mode": "diag",
+    "cov_mode": "none",
     "aggregation": "fedbpt",
     "precision": "fp32",
     "max_batch_tokens": 32768,
@@ -135,9 +136,10 @@ HELP = {
     "sent; reference: the NVFlare example's rule; eq6_sent: ablation that sends the post-tell step (diverges)",
     "local_adaptation": "step-size adaptation of the local CMA-ES: csa (as cma 3.4, which the reference pinned) or tpa",
     "aggregation": "fedbpt: server CMA-ES (paper); fedbpt_robust: the same with the client means weighted by shard "
-    "size and the median final local step sent on (does not collapse under label skew; docs/algorithm.md); fedavg: "
-    "FedAvg-BBT baseline; local: clients search alone (baseline)",
-    "cov_mode": "covariance sent to clients: full (float32 triangle), diag, none",
+    "size, the median final local step sent on and the best mean so far kept (does not collapse or drift under "
+    "label skew; docs/algorithm.md); fedavg: FedAvg-BBT baseline; local: clients search alone (baseline)",
+    "cov_mode": "covariance sent to clients: none (the paper's: the mean alone, 4 KB at d = 500), diag (6 KB), full "
+    "(float32 triangle, 505 KB)",
     "precision": "dtype the model's weights are loaded and run in: fp32; bf16 or fp16: half the memory (CUDA "
     "only: a CPU without bf16 units emulates them); A and A z stay fp32, cast once to the weights' dtype",
     "max_batch_tokens": "tokens per forward pass (candidates x examples x length); lower it if memory is short",

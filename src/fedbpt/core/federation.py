@@ -99,6 +99,7 @@ class Federation:
             import_seconds={s: float(results[s].get("import_seconds", 0.0)) for s in evals},
             bytes_down=int(bytes_down),
             bytes_up=int(np.mean(up)) if up else 0,
+            **({"restored_to": info.notes["restored_to"]} if "restored_to" in info.notes else {}),
             **_summed_counts(decode_counts(results[u.site]) for u in updates),
         )
 

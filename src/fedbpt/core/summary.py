@@ -167,6 +167,8 @@ class RunSummary:
                 f"sigma {f(row['sigma'])}",
                 f"{row['seconds']:.2f}s",
             ]
+            if row.get("restored_to") is not None:  # robust FedBPT: this round's mean lost to the incumbent
+                parts.insert(-1, f"back to round {row['restored_to']}'s prompt")
         if "totals" in row:  # the final line: what the whole run cost
             t = row["totals"]
             parts.append(f"queries {t['queries']:,} search + {t['eval_queries']:,} eval, tokens {t['tokens']:,}")

@@ -147,8 +147,17 @@ def decode_update(site: str, msg: dict, d: int, local_iter: int, bound: float = 
         if key in msg and _finite_number(msg, key) < 0:
             raise PayloadError(f"'{key}' is negative")
     decode_counts(msg)
+    # the training loss at the received mean, which every round's upload reports (robust FedBPT's incumbent reads it)
+    start_loss = _finite_number(msg, "train_loss") if "train_loss" in msg else None
     return ClientUpdate(
-        site, mean.astype(np.float64), fitness, sigmas.astype(np.float64), popsize, max(1, n_train), sigma_final
+        site,
+        mean.astype(np.float64),
+        fitness,
+        sigmas.astype(np.float64),
+        popsize,
+        max(1, n_train),
+        sigma_final,
+        start_loss,
     )
 
 
