@@ -38,9 +38,9 @@ METHODS = {
 
 
 def run_config(args, seed: int, method: str) -> dict:
-    from fedbpt.core.config import DEFAULTS, validate
+    from fedbpt.core.config import RunConfig
 
-    cfg = dict(DEFAULTS)
+    cfg: dict = {}
     cfg.update(
         task_name="planted",
         model_name="tiny-random",
@@ -58,7 +58,7 @@ def run_config(args, seed: int, method: str) -> dict:
         cov_mode="diag",  # the saved runs' FedBPT message (FedAvg-BBT sends none)
     )
     cfg.update(METHODS[method])
-    return validate(cfg)
+    return RunConfig.build(**cfg)
 
 
 def skew(counts: list[int]) -> float:
@@ -71,8 +71,8 @@ def run_one(args, seed: int, method: str) -> dict:
     import torch
 
     from fedbpt.core.client import RuntimePool
-    from fedbpt.core.federation import run_in_process
-    from fedbpt.core.preflight import prepare_config
+    from fedbpt.core.inprocess import run_in_process
+    from fedbpt.flare.preflight import prepare_config
 
     torch.set_num_threads(1)
     cfg = prepare_config(run_config(args, seed, method))

@@ -35,28 +35,28 @@ def run_seed(seed: int, pool: int, data_dir: str, cache: str) -> dict:
     from fedbpt.core.client import RuntimePool
     from fedbpt.core.data import load_split
     from fedbpt.core.federation import Federation
-    from fedbpt.core.preflight import prepare_config
+    from fedbpt.flare.preflight import prepare_config
 
     t0 = time.time()
     cfg = prepare_config(preset=os.path.join(ROOT, "configs", "smollm2_sst2.yaml"), seed=seed, data_dir=data_dir)
-    cfg = dict(cfg, torch_threads=2)
+    cfg = cfg.replace(torch_threads=2)
     runtimes = RuntimePool(cfg, cache)
     try:
-        fed = Federation(cfg, [f"site-{i}" for i in range(1, cfg["num_clients"] + 1)])
+        fed = Federation(cfg, [f"site-{i}" for i in range(1, cfg.num_clients + 1)])
         open_run(fed, cfg)
         zs, dev_run = [], []
-        for rnd in range(cfg["num_rounds"]):
+        for rnd in range(cfg.num_rounds):
             targets, msg = fed.start_round(rnd)
             zs.append(np.array(fed.server.state(rnd).mean, dtype=np.float64))
             results = {s: runtimes(s).run_round(msg["state"], bool(msg["evaluate"])) for s in targets}
             dev_run.append(fed.finish_round(rnd, targets, results).get("dev_acc"))
             print(f"seed {seed} round {rnd}: dev {dev_run[-1]:.3f} ({time.time() - t0:.0f}s)", flush=True)
         fed.final_message()
-        zs.append(np.array(fed.server.state(cfg["num_rounds"]).mean, dtype=np.float64))
+        zs.append(np.array(fed.server.state(cfg.num_rounds).mean, dtype=np.float64))
         site = runtimes("site-1")
-        full = load_split(site.task, "train", cfg["data_dir"])
+        full = load_split(site.task, "train", cfg.data_dir)
         order = np.random.default_rng(seed).permutation(len(full.labels))
-        k = cfg["k_shot"]
+        k = cfg.k_shot
         per_class = [order[full.labels[order] == c][k : k + pool] for c in range(site.task.num_classes)]
         dev = site.scorer.encode(full.subset(np.stack(per_class, 1).reshape(-1)))
         prompts = np.stack(zs)

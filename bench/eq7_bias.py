@@ -69,18 +69,18 @@ def measure(seed: int, args, test_cache: dict) -> dict:
         data_dir=args.data_dir, clients=args.clients, rounds=1, k_shot=args.k_shot, n_prompt_tokens=5
     )
     cfg = run_config(bench_args, seed, "IID", "FedBPT")
-    d = cfg["intrinsic_dim"]
+    d = cfg.intrinsic_dim
     z0 = np.zeros(d)
     pool = RuntimePool(cfg, args.cache)
     try:
         clean, perturbed = [], []
-        for i in range(1, cfg["num_clients"] + 1):
+        for i in range(1, cfg.num_clients + 1):
             site = pool(f"site-{i}")
             clean.append((site.scorer.label_logits(z0, site.train)[0], site.train.labels))
             copies = []
             for r in range(args.draws):  # the job's own draws: rng([seed, client index, round, 1])
-                rng = np.random.default_rng([cfg["seed"], site.index, r, 1])
-                enc = perturb(site.train, cfg["perturb_rate"], site.scorer.ordinary_ids, rng)
+                rng = np.random.default_rng([cfg.seed, site.index, r, 1])
+                enc = perturb(site.train, cfg.perturb_rate, site.scorer.ordinary_ids, rng)
                 copies.append(site.scorer.label_logits(z0, enc)[0])
             perturbed.append(copies)
         if not test_cache:

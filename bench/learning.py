@@ -84,9 +84,9 @@ DATA_KEYS = (
 
 
 def base_config(args, seed: int, split: str) -> dict:
-    from fedbpt.core.config import DEFAULTS, validate
+    from fedbpt.core.config import RunConfig
 
-    cfg = dict(DEFAULTS)
+    cfg: dict = {}
     cfg.update(
         task_name="planted",
         model_name="tiny-random",
@@ -104,7 +104,7 @@ def base_config(args, seed: int, split: str) -> dict:
         **SPLITS[split],
         **BASE,
     )
-    return validate(cfg)
+    return RunConfig.build(**cfg)
 
 
 _POOL: dict = {}  # per worker process: the (seed, split) whose sites are set up, and their RuntimePool
@@ -115,7 +115,7 @@ def site_pool(args, seed: int, split: str):
     import torch
 
     from fedbpt.core.client import RuntimePool
-    from fedbpt.core.preflight import prepare_config
+    from fedbpt.flare.preflight import prepare_config
 
     if _POOL.get("key") != (seed, split):
         if "pool" in _POOL:
@@ -127,7 +127,7 @@ def site_pool(args, seed: int, split: str):
 
 def run_one(job: tuple) -> dict:
     """One method on one (seed, split), in a worker that keeps the sites of its last (seed, split)."""
-    from fedbpt.core.federation import run_in_process
+    from fedbpt.core.inprocess import run_in_process
 
     args, seed, split, name, options, rounds = job
     pool = site_pool(args, seed, split)

@@ -62,16 +62,13 @@ def estimate(model: str, precision: str, pass_tokens: int, n_prompt: int, d: int
     from transformers import AutoConfig
 
     from fedbpt.core import memory
-    from fedbpt.core.config import DEFAULTS, validate
+    from fedbpt.core.config import RunConfig
 
-    cfg = validate(
-        dict(
-            DEFAULTS,
-            precision=precision,
-            max_batch_tokens=pass_tokens or DEFAULTS["max_batch_tokens"],
-            n_prompt_tokens=n_prompt,
-            intrinsic_dim=d,
-        )
+    cfg = RunConfig.build(
+        precision=precision,
+        max_batch_tokens=pass_tokens or RunConfig.model_fields["max_batch_tokens"].default,
+        n_prompt_tokens=n_prompt,
+        intrinsic_dim=d,
     )
     needs = memory.estimate(cfg, memory.model_shape(model, AutoConfig.from_pretrained(model)), "masked", 0)
     return {"weights": needs.weights, "projection": needs.projection, "activations": needs.activations}

@@ -208,7 +208,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 with open(sys.argv[1]) as f:
     cfg = json.load(f)
-with open(cfg["model_name"] + "/config.json") as f:
+with open(cfg.model_name + "/config.json") as f:
     mt = json.load(f)["model_type"].replace("-", "_")
 importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
 t1 = time.perf_counter()
@@ -224,7 +224,7 @@ def fresh_processes(args, model_name: str | None, extra: list[str]) -> dict:
     """Alternate fresh processes of the ``--compare`` tree (no set-up cache) and this tree (its cache written by a
     first process), ``--fresh`` times each per site; the same machine state for both, within seconds."""
     from fedbpt.core.config import resolve
-    from fedbpt.core.preflight import prepare_config
+    from fedbpt.flare.preflight import prepare_config
 
     argv = ["--config", args.config, "--num_clients", str(args.num_clients), "--torch_threads", "1", *extra]
     argv += ["--data_dir", os.path.abspath(SST2_DIR)] + (["--model_name", model_name] if model_name else [])

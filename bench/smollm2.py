@@ -69,9 +69,9 @@ PAIRED = (  # differences reported per (seed, split)
 
 
 def run_config(args, seed: int, split: str, method: str) -> dict:
-    from fedbpt.core.config import DEFAULTS, load_preset, validate
+    from fedbpt.core.config import RunConfig, load_preset
 
-    cfg = dict(DEFAULTS)
+    cfg: dict = {}
     cfg.update(load_preset(os.path.join(ROOT, "configs", "smollm2_sst2.yaml")))
     cfg.update(
         data_dir=args.data_dir,
@@ -89,7 +89,7 @@ def run_config(args, seed: int, split: str, method: str) -> dict:
         **SPLITS[split],
     )
     cfg.update(METHODS[method])
-    return validate(cfg)
+    return RunConfig.build(**cfg)
 
 
 def jobs_for(args) -> list[tuple[int, str, str]]:
@@ -129,13 +129,13 @@ def references(args, seeds: list[int]) -> dict:
         cfg = run_config(args, seed, "IID", "FedBPT")
         pool = RuntimePool(cfg, args.cache)
         try:
-            sites = [pool(f"site-{i}") for i in range(1, cfg["num_clients"] + 1)]
-            test, d = sites[0].test, cfg["intrinsic_dim"]
+            sites = [pool(f"site-{i}") for i in range(1, cfg.num_clients + 1)]
+            test, d = sites[0].test, cfg.intrinsic_dim
             kshot = sites[0].train
             for enc in [s.train for s in sites[1:]] + [s.dev for s in sites]:
                 kshot = concat(kshot, enc)
             # n = 0: the start token and the template alone (the encodings carry no prompt rows, so they fit it)
-            bare = build_scorer(dict(cfg, n_prompt_tokens=0), resolve_model(cfg["model_name"]), sites[0].task, "cpu")
+            bare = build_scorer(cfg.replace(n_prompt_tokens=0), resolve_model(cfg.model_name), sites[0].task, "cpu")
             if test_logits is None:
                 zero = sites[0].scorer.label_logits(np.zeros(d), test)[0]
                 test_logits = bare.label_logits(np.zeros(d), test)[0], zero, test.labels
@@ -159,7 +159,7 @@ def references(args, seeds: list[int]) -> dict:
 
 def run_one(job: tuple, args) -> dict:
     from fedbpt.core.client import RuntimePool
-    from fedbpt.core.federation import run_in_process
+    from fedbpt.core.inprocess import run_in_process
 
     seed, split, method = job
     cfg = run_config(args, seed, split, method)

@@ -11,8 +11,15 @@ NO_SST2 = f"the real SST-2 copy is not at {SST2} (../shared/data beside the chec
 JOB = os.path.join(REPO, "job.py")
 
 
-def make_cfg(base: dict | None = None, **kw) -> dict:
-    """Defaults <- ``base`` <- ``kw``, validated (what job.py's options give, without building anything)."""
-    from fedbpt.core.config import DEFAULTS, validate
+def make_cfg(base: dict | None = None, **kw):
+    """Defaults <- ``base`` <- ``kw``, validated (the RunConfig job.py's options give, without building anything)."""
+    from fedbpt.core.config import RunConfig
 
-    return validate({**DEFAULTS, **(base or {}), **kw})
+    return RunConfig.build(**{**(base or {}), **kw})
+
+
+def resolve(argv: list[str]):
+    """The RunConfig job.py builds from ``argv`` (its launcher options left out)."""
+    from fedbpt.cli.options import resolve as cli_resolve
+
+    return cli_resolve(argv)[0]

@@ -275,8 +275,8 @@ def test_smollm2_short_federated_run_lowers_the_global_train_loss(smollm2, tmp_p
     2 clients x 4 SST-2 sentences, 3 rounds of 4 local iterations; the global prompt's pooled train loss after the
     last round is below that of round 0 (z = 0)."""
     from fedbpt.core.client import RuntimePool
-    from fedbpt.core.config import DEFAULTS, validate
-    from fedbpt.core.federation import run_in_process
+    from fedbpt.core.config import RunConfig
+    from fedbpt.core.inprocess import run_in_process
 
     if not (SST2 / "train.jsonl").is_file():
         pytest.skip(f"SST-2 data not found at {SST2}")
@@ -286,22 +286,19 @@ def test_smollm2_short_federated_run_lowers_the_global_train_loss(smollm2, tmp_p
         (data / "train.jsonl").write_text("".join(next(f) for _ in range(400)))
     with (SST2 / "validation.jsonl").open() as f:
         (data / "validation.jsonl").write_text("".join(next(f) for _ in range(8)))
-    cfg = validate(
-        dict(
-            DEFAULTS,
-            model_name="smollm2-135m",
-            data_dir=str(data),
-            num_clients=2,
-            num_rounds=3,
-            k_shot=4,
-            n_prompt_tokens=5,
-            local_iter=4,
-            local_popsize=4,
-            perturb=False,
-            server_sigma="paper",
-            test_eval="end",
-            seed=3,
-        )
+    cfg = RunConfig.build(
+        model_name="smollm2-135m",
+        data_dir=str(data),
+        num_clients=2,
+        num_rounds=3,
+        k_shot=4,
+        n_prompt_tokens=5,
+        local_iter=4,
+        local_popsize=4,
+        perturb=False,
+        server_sigma="paper",
+        test_eval="end",
+        seed=3,
     )
     pool = RuntimePool(cfg, str(tmp_path))
     try:

@@ -10,7 +10,7 @@ import helpers
 import numpy as np
 import pytest
 
-from fedbpt.core import checkpoint
+from fedbpt.core import checkpoint, federation
 from fedbpt.core.checkpoint import CHECKPOINT_FILE
 from fedbpt.core.federation import Federation
 from fedbpt.errors import CheckpointError
@@ -28,13 +28,13 @@ def make_cfg(**kw) -> dict:
 
 
 def sites(cfg: dict) -> list[str]:
-    return [f"site-{i}" for i in range(1, cfg["num_clients"] + 1)]
+    return [f"site-{i}" for i in range(1, cfg.num_clients + 1)]
 
 
 def fake_round(fed: Federation, rnd: int) -> None:
     """One round with synthetic client answers that depend only on (round, site) and the received state."""
     targets, _ = fed.start_round(rnd)
-    box = fed.cfg["bound"] or np.inf
+    box = fed.cfg.bound or np.inf
     results = {}
     for s in targets:
         rng = np.random.default_rng([rnd, int(s.split("-")[1])])
@@ -88,6 +88,18 @@ def assert_states_equal(a: dict, b: dict) -> None:
             assert a[k] == b[k], k
 
 
+def assert_same_state(a: dict, b: dict) -> None:
+    """Two state dicts (fedbpt.core.state) hold the same: arrays equal in value and dtype, the rest as JSON."""
+    from fedbpt.core.summary import _json_default
+
+    assert sorted(a) == sorted(b)
+    for k in a:
+        if isinstance(a[k], np.ndarray) or isinstance(b[k], np.ndarray):
+            assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+        else:
+            assert json.dumps(a[k], default=_json_default) == json.dumps(b[k], default=_json_default), k
+
+
 @pytest.mark.parametrize("server_sigma, bound", [("paper", 0.0), ("reference", 0.0), ("paper", 3.0)])
 def test_resumed_server_continues_bit_for_bit(tmp_path, server_sigma, bound):
     cfg = make_cfg(server_sigma=server_sigma, bound=bound)
@@ -114,7 +126,7 @@ def test_checkpoint_is_arrays_and_numbers_only(tmp_path):
         assert np.array_equal(z["es.mean"], fed.server.es.mean)
         assert np.array_equal(z["es.sm.C"], fed.server.es.sm.C)
     assert set(kinds.values()) <= {"f", "i", "u", "b"}
-    assert header["round"] == 2 and header["config"]["intrinsic_dim"] == D and header["config"]["seed"] == cfg["seed"]
+    assert header["round"] == 2 and header["config"]["intrinsic_dim"] == D and header["config"]["seed"] == cfg.seed
     assert header["es"]["scalars"]["sigma"] == float(fed.server.es.sigma)
     assert header["summary"]["best"] == fed.summary.best
     assert len(header["summary"]["rounds"]) == 2
@@ -388,6 +400,8 @@ def test_unusual_but_genuine_states_are_accepted(tmp_path):
 def test_pycma_is_blamed_only_when_the_versions_differ(tmp_path, monkeypatch, written_with, blamed):
     import cma
 
+    from fedbpt.core import aggregation
+
     cfg = make_cfg()
     path = checkpoint.save(run_fake(cfg, range(2)), 2, str(tmp_path))
     if written_with:
@@ -397,7 +411,7 @@ def test_pycma_is_blamed_only_when_the_versions_differ(tmp_path, monkeypatch, wr
     def incompatible(*_):
         raise AttributeError("'CMAEvolutionStrategy' object has no attribute 'sm'")
 
-    monkeypatch.setattr(checkpoint, "_set_es_state", incompatible)
+    monkeypatch.setattr(aggregation, "set_es_state", incompatible)
     with pytest.raises(CheckpointError) as err:
         checkpoint.restore(Federation(cfg, sites(cfg)), ckpt)
     msg = str(err.value)
@@ -418,10 +432,10 @@ def test_foreign_npz_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "change, flag",
     [
-        ({"intrinsic_dim": D + 1}, "--intrinsic_dim 12 there, 13 here"),
-        ({"task_name": "ag_news"}, "--task_name 'sst2' there, 'ag_news' here"),
-        ({"seed": 99}, "--seed 1234 there, 99 here"),
-        ({"server_sigma": "reference"}, "--server_sigma 'paper' there, 'reference' here"),
+        ({"intrinsic_dim": D + 1}, "intrinsic_dim 12 there, 13 here"),
+        ({"task_name": "ag_news"}, "task_name 'sst2' there, 'ag_news' here"),
+        ({"seed": 99}, "seed 1234 there, 99 here"),
+        ({"server_sigma": "reference"}, "server_sigma 'paper' there, 'reference' here"),
     ],
 )
 def test_checkpoint_of_another_run_is_refused(tmp_path, change, flag):
@@ -437,8 +451,8 @@ def test_checkpoint_of_another_run_is_refused(tmp_path, change, flag):
 def test_resume_needs_more_rounds_than_done(tmp_path):
     cfg = make_cfg(num_rounds=2)
     path = checkpoint.save(run_fake(cfg, range(2)), 2, str(tmp_path))
-    with pytest.raises(CheckpointError, match="already has 2 rounds: pass --num_rounds larger than 2"):
-        checkpoint.check_compatible(checkpoint.load(path), cfg)
+    with pytest.raises(CheckpointError, match="already has 2 rounds: pass num_rounds larger than 2"):
+        federation.check_compatible(checkpoint.load(path), cfg)
 
 
 def test_settings_that_may_change_on_resume_are_accepted(tmp_path):
@@ -452,13 +466,13 @@ def test_a_checkpoint_from_before_dev_shot_had_k_shot_dev_examples(tmp_path, mon
     """Older checkpoints carry no dev_shot: their dev set had k_shot per class, which is what they are checked as."""
     cfg = make_cfg()
     with monkeypatch.context() as m:  # written as before the option existed
-        m.setattr(checkpoint, "MUST_MATCH", tuple(k for k in checkpoint.MUST_MATCH if k != "dev_shot"))
+        m.setattr(federation, "MUST_MATCH", tuple(k for k in federation.MUST_MATCH if k != "dev_shot"))
         path = checkpoint.save(run_fake(cfg, range(2)), 2, str(tmp_path))
     assert "dev_shot" not in checkpoint.load(path).header["config"]
     later = make_cfg(num_rounds=10)
     assert checkpoint.restore(Federation(later, sites(later)), checkpoint.load(path)) == 2
-    wider = make_cfg(num_rounds=10, dev_shot=cfg["k_shot"] + 1)
-    with pytest.raises(CheckpointError, match="--dev_shot 200 there, 201 here"):
+    wider = make_cfg(num_rounds=10, dev_shot=cfg.k_shot + 1)
+    with pytest.raises(CheckpointError, match="dev_shot 200 there, 201 here"):
         checkpoint.restore(Federation(wider, sites(wider)), checkpoint.load(path))
 
 
@@ -480,11 +494,11 @@ def test_job_refuses_a_mismatched_checkpoint_before_starting(tmp_path, capsys):
 def test_resume_with_real_clients_matches_uninterrupted_run(tmp_path):
     """Tiny model, 3 clients of which 2 are sampled per round: 4 rounds == 2 rounds, checkpoint, 2 more rounds."""
     from deploy_util import small_sst2
+    from helpers import resolve
 
     from fedbpt.core.client import RuntimePool
-    from fedbpt.core.config import resolve
-    from fedbpt.core.federation import run_in_process
-    from fedbpt.core.preflight import prepare_config
+    from fedbpt.core.inprocess import run_in_process
+    from fedbpt.flare.preflight import prepare_config
 
     data = small_sst2(str(tmp_path / "data"))
     args = ["--config", os.path.join(REPO, "configs", "tiny.yaml"), "--data_dir", data, "--num_clients", "3"]
@@ -508,3 +522,90 @@ def test_resume_with_real_clients_matches_uninterrupted_run(tmp_path):
     b = checkpoint.load(str(tmp_path / "rest" / CHECKPOINT_FILE))
     assert a.round == b.round == 4
     assert all(np.array_equal(a.arrays[k], b.arrays[k]) for k in a.arrays if k.startswith("es."))
+
+
+# ---- the state dicts a checkpoint holds ---------------------------------------------------------------------------
+def test_a_checkpoint_holds_the_federation_s_state_dict(tmp_path):
+    fed = run_fake(make_cfg(), range(2))
+    path = checkpoint.save(fed, 2, str(tmp_path))
+    assert_same_state(checkpoint.load(path).state, fed.state_dict(2))
+
+
+def test_a_federation_loaded_from_another_s_state_dict_goes_on_identically():
+    cfg = make_cfg()
+    a = run_fake(cfg, range(3))
+    state = a.state_dict(3)
+    run_fake(cfg, range(3, 6), a)
+    b = run_fake(cfg, range(1))
+    assert b.load_state_dict(state) == 3
+    assert_same_state(b.state_dict(3), state)
+    run_fake(cfg, range(3, 6), b)
+    assert_states_equal(state_of(b), state_of(a))
+
+
+def _even_inc(s):
+    s["sampler_rng"]["inc"] = "4"
+
+
+def _scaled_b(s):
+    s["es.sm.B"] = 2 * s["es.sm.B"]
+
+
+def _row_out_of_order(s):
+    s["summary"]["rounds"][1]["round"] = 7
+
+
+def _keys_zero(s):
+    s["np_global_keys"] = np.zeros_like(s["np_global_keys"])
+
+
+@pytest.mark.parametrize(
+    "damage, field",
+    [
+        (_even_inc, "sampler_rng.inc"),
+        (_scaled_b, "es.sm.B"),
+        (_row_out_of_order, "summary.rounds[1].round"),
+        (_keys_zero, "np_global_keys"),
+    ],
+)
+def test_a_federation_refuses_a_damaged_state_and_changes_nothing(damage, field):
+    """A damaged field of any owner (the run's own, the server's, the record's) is found before anything is set."""
+    from fedbpt.core.state import StateError
+
+    cfg = make_cfg()
+    state = run_fake(cfg, range(3)).state_dict(3)
+    damage(state)
+    fed = run_fake(cfg, range(2))
+    before = fed.state_dict(2)
+    with pytest.raises(StateError) as err:
+        fed.load_state_dict(state)
+    assert err.value.field == field
+    assert_same_state(fed.state_dict(2), before)  # numpy's global generator included
+
+
+def test_a_record_loaded_from_another_s_state_dict_goes_on_identically():
+    from fedbpt.core.summary import RunSummary
+
+    cfg = make_cfg()
+    summary = run_fake(cfg, range(3)).summary
+    fresh = RunSummary(cfg, summary.metric)
+    fresh.load_state_dict(summary.state_dict())
+    assert_same_state(fresh.state_dict(), summary.state_dict())
+    evals = {"site-1": {"dev_n": 4, "dev_loss": 0.01, "dev_confusion": np.array([[2, 0], [0, 2]])}}
+    for s in (summary, fresh):
+        s.add_round(3, np.full(D, 0.5), evals, ["site-1"])
+    assert summary.best["round"] == fresh.best["round"] == 3  # all of dev right: the new best
+    assert_same_state(fresh.state_dict(), summary.state_dict())
+
+
+def test_a_record_refuses_a_damaged_state_and_stays_as_it_was():
+    from fedbpt.core.state import StateError
+
+    cfg = make_cfg()
+    state = run_fake(cfg, range(3)).summary.state_dict()
+    state["summary"]["best"]["round"] = 9
+    summary = run_fake(cfg, range(2)).summary
+    before = summary.state_dict()
+    with pytest.raises(StateError, match=r"summary.best.round is 9, outside \[0, 2\]"):
+        summary.load_state_dict(state)
+    assert_same_state(summary.state_dict(), before)

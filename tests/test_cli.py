@@ -7,7 +7,8 @@ import sys
 import pytest
 from helpers import REPO
 
-from fedbpt.core.config import DEFAULTS, resolve, scorer_options
+from fedbpt.cli.options import resolve
+from fedbpt.core.config import Launch, RunConfig, flag_of
 from fedbpt.errors import ConfigError
 
 
@@ -18,7 +19,8 @@ def run_job(*args: str, cwd: str = REPO) -> subprocess.CompletedProcess:
 
 
 def test_reference_flag_names_and_defaults():
-    cfg = resolve([])
+    cfg, launch = resolve([])
+    launch = launch.for_run(cfg)
     for key, value in {
         "num_clients": 10,
         "num_rounds": 200,
@@ -38,22 +40,22 @@ def test_reference_flag_names_and_defaults():
         "loss_type": "ce",
         "frac": 1.0,
     }.items():
-        assert cfg[key] == value, key
+        assert getattr(cfg, key) == value, key
     # "auto" is the reference's add (and its bare label words) for a masked LM such as roberta-large
-    assert scorer_options(cfg, "masked") == {"cat_or_add": "add", "label_encoding": "bare"}
-    assert scorer_options(cfg, "causal") == {"cat_or_add": "cat", "label_encoding": "space"}
-    assert scorer_options(dict(cfg, cat_or_add="add"), "causal")["cat_or_add"] == "add"  # an explicit choice wins
-    assert cfg["min_clients"] == 10 and cfg["threads"] == 10  # default to num_clients
-    cfg = resolve(["--iid", "0", "--perturb", "0", "--export-dir", "/tmp/x", "--num_clients", "4"])
-    assert cfg["iid"] is False and cfg["perturb"] is False and cfg["export_dir"] == "/tmp/x"
-    assert cfg["min_clients"] == 4
+    assert cfg.scorer_options("masked") == {"cat_or_add": "add", "label_encoding": "bare"}
+    assert cfg.scorer_options("causal") == {"cat_or_add": "cat", "label_encoding": "space"}
+    assert cfg.replace(cat_or_add="add").scorer_options("causal")["cat_or_add"] == "add"  # an explicit choice wins
+    assert cfg.min_clients == 10 and launch.threads == 10  # default to num_clients
+    cfg, launch = resolve(["--iid", "0", "--perturb", "0", "--export-dir", "/tmp/x", "--num_clients", "4"])
+    assert cfg.iid is False and cfg.perturb is False and launch.export_dir == "/tmp/x"
+    assert cfg.min_clients == 4
 
 
 def test_command_line_wins_over_the_preset(tmp_path):
     preset = tmp_path / "p.yaml"
     preset.write_text("num_rounds: 3\nk_shot: 16\niid: false\n")
-    cfg = resolve(["--config", str(preset), "--num_rounds", "5"])
-    assert cfg["num_rounds"] == 5 and cfg["k_shot"] == 16 and cfg["iid"] is False
+    cfg, _ = resolve(["--config", str(preset), "--num_rounds", "5"])
+    assert cfg.num_rounds == 5 and cfg.k_shot == 16 and cfg.iid is False
 
 
 def test_preset_with_an_unknown_key_is_refused(tmp_path):
@@ -63,11 +65,25 @@ def test_preset_with_an_unknown_key_is_refused(tmp_path):
         resolve(["--config", str(preset)])
 
 
-def test_every_option_has_help():
+def test_help_lists_every_option_with_its_type_and_default():
     out = run_job("--help")
     assert out.returncode == 0
-    for key in DEFAULTS:
-        assert ("--export-dir" if key == "export_dir" else f"--{key}") in out.stdout
+    text = " ".join(out.stdout.split())  # argparse wraps the help lines
+    for cls in (RunConfig, Launch):
+        for name, info in cls.model_fields.items():
+            assert flag_of(name) in text, name
+            default = (
+                "none"
+                if info.default is None
+                else str(
+                    int(info.default)
+                    if info.default in (True, False) and isinstance(info.default, bool)
+                    else info.default
+                )
+            )
+            assert f"default: {default}]" in text, name
+    assert "[int; default: 10]" in text and "[0 or 1; default: 1]" in text  # --num_clients, --iid
+    assert "[one of fedbpt, fedbpt_robust, fedavg, local; default: fedbpt]" in text  # --aggregation
 
 
 @pytest.mark.parametrize(

@@ -133,10 +133,11 @@ def test_resumed_run_equals_an_uninterrupted_one(stopped, data, tmp_path):
     assert summary["rounds"][0] == first_round  # carried over from the checkpoint
     z = np.load(os.path.join(resumed, "prompt_final.npy"))
 
+    from helpers import resolve
+
     from fedbpt.core.client import RuntimePool
-    from fedbpt.core.config import resolve
-    from fedbpt.core.federation import run_in_process
-    from fedbpt.core.preflight import prepare_config
+    from fedbpt.core.inprocess import run_in_process
+    from fedbpt.flare.preflight import prepare_config
 
     cfg = prepare_config(resolve(base_args(data, str(tmp_path), 2, 3)))
     uninterrupted = run_in_process(cfg, RuntimePool(cfg, str(tmp_path / "cache")))

@@ -16,11 +16,13 @@ import sys
 import pytest
 from helpers import REPO
 
-from fedbpt.core.config import DEFAULTS, check_machine, resolve, validate
+from fedbpt.cli.options import message, resolve
+from fedbpt.core.config import Launch, RunConfig
 from fedbpt.core.data import load_split
 from fedbpt.core.models import check_model_folder
 from fedbpt.core.tasks import get_task
 from fedbpt.errors import ConfigError
+from fedbpt.flare.preflight import check_machine
 
 ROW = '{"sentence": "a fine film", "label": 1}\n'
 
@@ -37,8 +39,14 @@ def preset(text: str | bytes, name: str = "p.yaml"):
     return build
 
 
+def launched(argv: list[str]):
+    """What job.py checks of its command line before it builds anything: the run, and the launcher against it."""
+    cfg, launch = resolve(argv)
+    return cfg, launch.for_run(cfg)
+
+
 def flags(*argv: str):
-    return lambda _tmp, _mp: lambda: resolve(list(argv))
+    return lambda _tmp, _mp: lambda: launched(list(argv))
 
 
 def no_cuda(mp) -> None:
@@ -53,8 +61,8 @@ def machine(*argv: str):
 
     def build(_tmp, mp):
         no_cuda(mp)
-        cfg = resolve(list(argv))
-        return lambda: check_machine(cfg)
+        cfg, launch = resolve(list(argv))
+        return lambda: check_machine(cfg, launch.for_run(cfg))
 
     return build
 
@@ -276,9 +284,9 @@ def test_bad_input_is_one_line_naming_the_fix(case, build, fragment, tmp_path, m
     call = build(tmp_path, monkeypatch)
     with pytest.raises(ConfigError) as err:
         call()
-    message = str(err.value)
-    assert fragment in message, message
-    assert "\n" not in message and message.strip() == message, message
+    text = message(err.value)  # as job.py prints it: options by their flags
+    assert fragment in text, text
+    assert "\n" not in text and text.strip() == text, text
 
 
 def test_case_ids_are_unique():
@@ -302,42 +310,61 @@ def test_case_ids_are_unique():
         ("min_clients: null\nnum_clients: 4\n", {"min_clients": 4}),
         ("job_name: my-job_1.2\n", {"job_name": "my-job_1.2"}),
         ("eval_clients: site-2, site-1, site-2\nnum_clients: 2\n", {"eval_clients": "site-2,site-1"}),
-        ("", {"num_clients": DEFAULTS["num_clients"]}),
+        ("", {"num_clients": RunConfig.model_fields["num_clients"].default}),
     ],
 )
 def test_good_presets_pass(tmp_path, text, expected):
     path = tmp_path / "p.yaml"
     path.write_text(text)
-    cfg = resolve(["--config", str(path)])
+    cfg, launch = launched(["--config", str(path)])
     for key, value in expected.items():
-        assert cfg[key] == value and type(cfg[key]) is type(value), key
+        got = getattr(cfg if key in RunConfig.model_fields else launch, key)
+        assert got == value and type(got) is type(value), key
 
 
 def test_good_json_preset_with_byte_order_mark(tmp_path):
     path = tmp_path / "p.json"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"num_clients": 4, "perturb": 0, "frac": 1}).encode())
-    cfg = resolve(["--config", str(path)])
-    assert cfg["num_clients"] == 4 and cfg["perturb"] is False and cfg["frac"] == 1.0
+    cfg, _ = resolve(["--config", str(path)])
+    assert cfg.num_clients == 4 and cfg.perturb is False and cfg.frac == 1.0
 
 
 def test_the_shipped_presets_and_flags_pass():
     for name in sorted(os.listdir(os.path.join(REPO, "configs"))):
         path = os.path.join(REPO, "configs", name)
-        preset_cfg = resolve(["--config", path, "--data_dir", REPO])  # any folder: presets may name ../shared
-        assert preset_cfg["task_name"]
-    cfg = resolve(["--gpu", "0, 1", "--seed", "0", "--sigma", "1000", "--bound", "0", "--iid", "0", "--perturb", "1"])
-    assert cfg["gpu"] == "0,1" and cfg["seed"] == 0 and cfg["iid"] is False and cfg["perturb"] is True
+        preset_cfg, _ = resolve(["--config", path, "--data_dir", REPO])  # any folder: presets may name ../shared
+        assert preset_cfg.task_name
+    cfg, launch = resolve(
+        ["--gpu", "0, 1", "--seed", "0", "--sigma", "1000", "--bound", "0", "--iid", "0", "--perturb", "1"]
+    )
+    assert launch.gpu == "0,1" and cfg.seed == 0 and cfg.iid is False and cfg.perturb is True
 
 
-def test_validate_is_idempotent():
-    cfg = validate(dict(DEFAULTS, num_clients=3, eval_clients="site-2"))
-    assert validate(cfg) == cfg
+def test_validation_is_idempotent():
+    cfg = RunConfig.build(num_clients=3, eval_clients="site-2, site-2")
+    assert cfg.eval_clients == "site-2" and RunConfig.build(**cfg.model_dump()) == cfg == cfg.replace()
+
+
+def test_the_configuration_is_frozen_and_strict():
+    cfg = RunConfig.build()
+    with pytest.raises(ValueError):
+        cfg.k_shot = 3  # frozen: a run cannot change under its sites
+    with pytest.raises(ConfigError, match="unknown options"):
+        RunConfig.build(k_shots=3)
+    with pytest.raises(ConfigError) as err:
+        RunConfig.build(k_shot="3")
+    assert err.value.option == "k_shot" and str(err.value) == "k_shot must be an integer, got '3'"
+    assert message(err.value) == "--k_shot must be an integer, got '3'"
+    with pytest.raises(ConfigError, match="unknown options"):
+        RunConfig.build(workspace="/tmp/x")  # a launcher option is not part of the run
+    assert Launch.build(workspace="/tmp/x").workspace == "/tmp/x"
 
 
 def test_good_machine_settings_pass(monkeypatch):
     no_cuda(monkeypatch)
     for argv in ([], ["--device", "cpu"], ["--device", "cpu", "--precision", "fp32"]):
-        check_machine(resolve(argv))
+        cfg, launch = resolve(argv)
+        check_machine(cfg, launch.for_run(cfg))
 
 
 def test_good_data_files_pass(tmp_path):

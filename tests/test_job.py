@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO
+from helpers import REPO, resolve
 
 from fedbpt.core.client import RuntimePool
-from fedbpt.core.config import resolve
-from fedbpt.core.federation import run_in_process
-from fedbpt.core.preflight import prepare_config
+from fedbpt.core.inprocess import run_in_process
 from fedbpt.core.summary import verdict
+from fedbpt.flare.preflight import prepare_config
 
 SMALL = [
     "--model_name",

@@ -1,5 +1,10 @@
-"""The package's layering: the core runs without NVFlare, production modules never reach research code, and
-``import fedbpt`` is cheap."""
+"""The package's layering: each layer imports only itself and the layers below it, no module cycles, the core runs
+without NVFlare, and ``import fedbpt`` is cheap.
+
+Layers, bottom up: ``errors``; ``core`` (the algorithm, data, models: NVFlare-free, shipped in every job);
+``research`` (tiny random models, planted tasks, fault plans: inputs built before a job, or drills); ``flare`` (the
+NVFlare job: controller, executor, recipe, preparation, the guarded simulator); ``cli`` (job.py's front end).
+"""
 
 from __future__ import annotations
 
@@ -12,22 +17,62 @@ import pytest
 from helpers import REPO
 
 SRC = os.path.join(REPO, "src", "fedbpt")
+LAYERS = ("errors", "core", "research", "flare", "cli")
 
 
 def modules(sub: str) -> list[str]:
     return sorted(f[:-3] for f in os.listdir(os.path.join(SRC, sub)) if f.endswith(".py") and f != "__init__.py")
 
 
-def imported(path: str) -> set[str]:
+def all_modules() -> list[str]:
+    return ["fedbpt.errors"] + [f"fedbpt.{sub}.{m}" for sub in LAYERS[1:] for m in modules(sub)]
+
+
+def imported(module: str) -> set[str]:
+    """The fedbpt modules ``module`` imports, lazy imports inside functions included (NVFlare's exporter follows
+    them too); ``from fedbpt.core import memory`` counts as fedbpt.core.memory."""
+    path = os.path.join(SRC, *module.split(".")[1:]) + ".py"
     with open(path) as f:
         tree = ast.parse(f.read())
+    known = set(all_modules())
     out = set()
-    for node in ast.walk(tree):  # lazy imports inside functions count: NVFlare's exporter follows them too
-        if isinstance(node, ast.ImportFrom) and node.module:
-            out.add(node.module)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fedbpt"):
+            subs = {f"{node.module}.{a.name}" for a in node.names} & known
+            out |= subs or {node.module}
         elif isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
-    return out
+            out.update(a.name for a in node.names if a.name.startswith("fedbpt"))
+    return out - {module}
+
+
+def layer(module: str) -> int:
+    return LAYERS.index(module.split(".")[1]) if module.count(".") else -1
+
+
+def test_every_module_imports_only_its_layer_and_those_below():
+    bad = [
+        f"{m} imports {i}" for m in all_modules() for i in sorted(imported(m)) if i != "fedbpt" and layer(i) > layer(m)
+    ]
+    assert not bad, bad
+
+
+def test_no_import_cycles():
+    names = set(all_modules())
+    graph = {m: {i for i in imported(m) if i in names} for m in names}
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(n) :] + [n]))
+            if n not in state:
+                visit(n, path + [n])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
 
 
 def test_import_fedbpt_loads_neither_nvflare_nor_torch():
@@ -43,15 +88,17 @@ def test_the_core_imports_without_nvflare():
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
 
 
-@pytest.mark.parametrize("sub", ["core", "flare"])
-def test_production_modules_never_import_research_or_cli_code(sub):
-    # the one exception: preparing a run config builds tiny-random / planted before the job exists
-    allowed = {("core", "preflight"): {"fedbpt.research.tiny"}, ("flare", "recipe"): {"fedbpt.research.fault"}}
-    for m in modules(sub):
-        bad = {
-            i for i in imported(os.path.join(SRC, sub, m + ".py")) if i.startswith(("fedbpt.research", "fedbpt.cli"))
-        }
-        assert bad <= allowed.get((sub, m), set()), f"fedbpt/{sub}/{m}.py imports {sorted(bad)}"
+@pytest.mark.parametrize("module", ["fedbpt.flare.controller", "fedbpt.flare.executor"])
+def test_what_a_job_ships_holds_no_research_or_front_end_code(module):
+    """The server's and the clients' components, and all they import: the code every deployed job carries."""
+    seen, todo = set(), [module]
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        todo.extend(i for i in imported(m) if i in set(all_modules()))
+    assert not [m for m in seen if layer(m) in (LAYERS.index("research"), LAYERS.index("cli"))], sorted(seen)
 
 
 def test_requirements_install_the_package_with_the_pinned_torch():

@@ -11,7 +11,7 @@ import pytest
 
 from fedbpt.core.aggregation import ClientUpdate
 from fedbpt.core.baselines import FedAvgServer, LocalOnlyServer
-from fedbpt.core.config import DEFAULTS, validate
+from fedbpt.core.config import RunConfig
 from fedbpt.core.summary import pooled
 from fedbpt.core.wire import decode_state, encode_state
 from fedbpt.research.planted import calibrated_zero, ensure_bundle
@@ -20,8 +20,8 @@ from fedbpt.research.planted import calibrated_zero, ensure_bundle
 MIN_GAIN = 0.10
 
 
-def small_config(seed: int, cache: str, **overrides) -> dict:
-    cfg = dict(DEFAULTS)
+def small_config(seed: int, cache: str, **overrides) -> RunConfig:
+    cfg: dict = {}
     cfg.update(
         task_name="planted",
         model_name="tiny-random",
@@ -39,13 +39,13 @@ def small_config(seed: int, cache: str, **overrides) -> dict:
         model_cache_dir=cache,
     )
     cfg.update(overrides)
-    return validate(cfg)
+    return RunConfig.build(**cfg)
 
 
 def small_run(seed: int, cache: str, **overrides):
     from fedbpt.core.client import RuntimePool
-    from fedbpt.core.federation import run_in_process
-    from fedbpt.core.preflight import prepare_config
+    from fedbpt.core.inprocess import run_in_process
+    from fedbpt.flare.preflight import prepare_config
 
     cfg = prepare_config(small_config(seed, cache, **overrides))
     pool = RuntimePool(cfg, cache)
@@ -62,7 +62,7 @@ def cache(planted_cache) -> str:
 
 def test_planted_bundle_is_well_formed_and_deterministic(cache, tmp_path):
     from fedbpt.core.client import SiteRuntime
-    from fedbpt.core.preflight import prepare_config
+    from fedbpt.flare.preflight import prepare_config
 
     cfg = small_config(1, cache)
     bundle = ensure_bundle(cfg, cache)
@@ -71,7 +71,7 @@ def test_planted_bundle_is_well_formed_and_deterministic(cache, tmp_path):
     assert 0.4 <= labels.mean() <= 0.6  # balanced by construction (median split on a 400-window subset)
     assert bundle.meta["test"]["zero_acc"] <= 0.72  # the zero prompt is far from the labels (<= 0.65 on the subset)
     prepared = prepare_config(cfg)  # the run's view: the bundle's model and data, named by path
-    assert (prepared["model_name"], prepared["data_dir"]) == (bundle.model_dir, bundle.data_dir)
+    assert (prepared.model_name, prepared.data_dir) == (bundle.model_dir, bundle.data_dir)
     runtime = SiteRuntime(prepared, "site-1", cache)
     try:
         lengths = {len(x) for x in runtime.train.ids} | {len(x) for x in runtime.test.ids}

@@ -41,12 +41,12 @@ def test_estimate_hand_checked():
 def test_a_run_that_cannot_fit_names_the_option_to_change():
     needs = estimate(cfg(), SHAPE, "masked", 50)
     client = needs.client
-    check_fits(cfg(threads=4), needs, needs.server + 4 * client)  # exactly fits
-    with pytest.raises(ConfigError, match=r"4 client processes .* run --threads 3 clients at once"):
-        check_fits(cfg(threads=4), needs, needs.server + 4 * client - 1)
+    check_fits(4, None, needs, needs.server + 4 * client)  # exactly fits
+    with pytest.raises(ConfigError, match=r"4 client processes .* run threads 3 clients at once"):
+        check_fits(4, None, needs, needs.server + 4 * client - 1)
     huge = estimate(cfg(intrinsic_dim=200_000), SHAPE, "masked", 50)  # 2.56 TB of d x d matrices
-    with pytest.raises(ConfigError, match="lower --intrinsic_dim"):
-        check_fits(cfg(intrinsic_dim=200_000), huge, 64 << 30)
+    with pytest.raises(ConfigError, match="lower intrinsic_dim"):
+        check_fits(10, None, huge, 64 << 30)
 
 
 def test_each_gpu_holds_the_clients_of_the_groups_that_start_on_it():
@@ -56,14 +56,14 @@ def test_each_gpu_holds_the_clients_of_the_groups_that_start_on_it():
     each = needs.client_on_device + CUDA_CONTEXT_BYTES
     ram = 1 << 40
     # one group, 4 threads: all four processes on GPU 0
-    check_fits(cfg(threads=4, gpu="0"), needs, ram, [4 * each])
-    with pytest.raises(ConfigError, match=r"GPU 0 would hold 4 client processes .* run --threads 3"):
-        check_fits(cfg(threads=4, gpu="0"), needs, ram, [4 * each - 1])
+    check_fits(4, "0", needs, ram, [4 * each])
+    with pytest.raises(ConfigError, match=r"GPU 0 would hold 4 client processes .* run threads 3"):
+        check_fits(4, "0", needs, ram, [4 * each - 1])
     # two groups: one client per group at a time, so each GPU holds one
-    check_fits(cfg(threads=4, gpu="0,1"), needs, ram, [each, each])
+    check_fits(4, "0,1", needs, ram, [each, each])
     # [0,1],[0]: both groups start on GPU 0
     with pytest.raises(ConfigError, match="GPU 0 would hold 2 client processes"):
-        check_fits(cfg(threads=4, gpu="[0,1],[0]"), needs, ram, [each, each])
+        check_fits(4, "[0,1],[0]", needs, ram, [each, each])
 
 
 def test_parameters_are_read_from_the_safetensors_headers(tiny_model_dir):
@@ -76,10 +76,10 @@ def test_parameters_are_read_from_the_safetensors_headers(tiny_model_dir):
 
 
 def test_preflight_refuses_an_intrinsic_dim_the_server_cannot_hold(toy_data_dir):
-    from fedbpt.core.preflight import preflight, prepare_config
+    from fedbpt.flare.preflight import preflight, prepare_config
 
     config = prepare_config(
         helpers.make_cfg(model_name="tiny-random", data_dir=toy_data_dir, num_clients=2, k_shot=4, intrinsic_dim=10**6)
     )
-    with pytest.raises(ConfigError, match=r"this run needs about .* lower --intrinsic_dim"):
+    with pytest.raises(ConfigError, match=r"this run needs about .* lower intrinsic_dim"):
         preflight(config)

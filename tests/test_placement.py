@@ -276,18 +276,16 @@ def test_queries_and_tokens_counted(tiny):
 
 def test_masked_lm_refuses_after_input(tiny_model_dir, toy_data_dir):
     """The masked scorer has no after-input placement; preflight says so in one line before any client starts."""
-    from fedbpt.core.config import DEFAULTS, validate
-    from fedbpt.core.preflight import preflight
+    from fedbpt.core.config import RunConfig
     from fedbpt.core.scorer import Scorer
+    from fedbpt.flare.preflight import preflight
 
     with pytest.raises(ConfigError, match="prompt_placement after_input.*causal"):
         Scorer(tiny_model_dir, get_task("sst2"), 4, DIM, prompt_placement="after_input")
-    cfg = validate(
-        dict(DEFAULTS, model_name=tiny_model_dir, data_dir=toy_data_dir, num_clients=2, k_shot=4, device="cpu")
-    )
+    cfg = RunConfig.build(model_name=tiny_model_dir, data_dir=toy_data_dir, num_clients=2, k_shot=4, device="cpu")
     preflight(cfg)  # front (auto) passes
     with pytest.raises(ConfigError, match="after_input needs a causal LM") as err:
-        preflight(dict(cfg, prompt_placement="after_input"))
+        preflight(cfg.replace(prompt_placement="after_input"))
     assert "\n" not in str(err.value)
 
 
@@ -316,26 +314,23 @@ def test_counts_on_the_wire():
 
 def run_tiny(path: str, data_dir: str, cache_root: str, placement: str):
     from fedbpt.core.client import RuntimePool
-    from fedbpt.core.config import DEFAULTS, validate
-    from fedbpt.core.federation import run_in_process
+    from fedbpt.core.config import RunConfig
+    from fedbpt.core.inprocess import run_in_process
 
-    cfg = validate(
-        dict(
-            DEFAULTS,
-            model_name=path,
-            data_dir=data_dir,
-            num_clients=2,
-            num_rounds=2,
-            k_shot=3,
-            n_prompt_tokens=4,
-            intrinsic_dim=DIM,
-            local_iter=2,
-            local_popsize=3,
-            perturb=True,
-            prompt_placement=placement,
-            attn_implementation="eager",
-            seed=3,
-        )
+    cfg = RunConfig.build(
+        model_name=path,
+        data_dir=data_dir,
+        num_clients=2,
+        num_rounds=2,
+        k_shot=3,
+        n_prompt_tokens=4,
+        intrinsic_dim=DIM,
+        local_iter=2,
+        local_popsize=3,
+        perturb=True,
+        prompt_placement=placement,
+        attn_implementation="eager",
+        seed=3,
     )
     pool = RuntimePool(cfg, cache_root)
     lines: list[str] = []

@@ -62,10 +62,11 @@ def poc(tmp_path_factory):
 def tiny_model(data: str) -> str:
     """tiny-random is built from the training texts, so the export names the folder built from the sites' data (on
     this machine every site reads it; a real project ships a model folder to every site)."""
-    from fedbpt.core.config import resolve
-    from fedbpt.core.preflight import prepare_config
+    from helpers import resolve
 
-    return prepare_config(resolve([*JOB_ARGS, "--data_dir", data]))["model_name"]
+    from fedbpt.flare.preflight import prepare_config
+
+    return prepare_config(resolve([*JOB_ARGS, "--data_dir", data])).model_name
 
 
 def export(tmp_path, data: str, *extra: str) -> str:
@@ -103,10 +104,11 @@ def run_to_completion(dep: PocDeployment, job_dir: str, tmp_path) -> tuple[dict,
 
 
 def in_process(data: str, rounds: int, cache: str):
+    from helpers import resolve
+
     from fedbpt.core.client import RuntimePool
-    from fedbpt.core.config import resolve
-    from fedbpt.core.federation import run_in_process
-    from fedbpt.core.preflight import prepare_config
+    from fedbpt.core.inprocess import run_in_process
+    from fedbpt.flare.preflight import prepare_config
 
     cfg = prepare_config(resolve([*JOB_ARGS, "--num_rounds", str(rounds), "--data_dir", data]))
     return run_in_process(cfg, RuntimePool(cfg, cache))
@@ -117,14 +119,14 @@ def test_the_recipe_runs_on_a_provisioned_project_through_prodenv(poc, tmp_path)
     loopback (``nvflare poc prepare -i project.yml`` provisions it, ``nvflare poc start`` starts the server and each
     site from its own startup kit), the sites read their data through ``local/fedbpt_site.json``, and the result is
     downloaded through the same kit. The numbers equal the in-process run's."""
+    from helpers import resolve
     from nvflare.recipe import ProdEnv
 
     from fedbpt import FedBPTRecipe
-    from fedbpt.core.config import resolve
 
     dep, data = poc
     recipe = FedBPTRecipe(resolve([*JOB_ARGS, "--model_name", tiny_model(data), "--num_rounds", "2"]))
-    assert recipe.config["data_dir"] is None  # nothing about where the sites' data lives travels with the job
+    assert recipe.config.data_dir is None  # nothing about where the sites' data lives travels with the job
     t0 = time.time()
     run = recipe.run(ProdEnv(startup_kit_location=os.path.join(dep.prod, dep.ADMIN), login_timeout=60))
     deadline = time.time() + JOB_TIMEOUT

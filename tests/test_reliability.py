@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 from helpers import JOB, REPO
 
-from fedbpt.cli import simulate, workspace
+from fedbpt.cli.main import resume_command
 from fedbpt.core.aggregation import ServerES
-from fedbpt.core.config import DEFAULTS, validate
+from fedbpt.core.config import RunConfig
 from fedbpt.core.federation import Federation
 from fedbpt.core.search import local_search
 from fedbpt.core.summary import SUMMARY_FILE, RunSummary
 from fedbpt.core.wire import ClientUpdate
 from fedbpt.errors import ConfigError
+from fedbpt.flare import simulator, workspace
 
 
 def strict_load(path: str) -> dict:
@@ -46,9 +47,9 @@ def protected(tmp_path):
 @pytest.mark.parametrize(
     "make, fragment",
     [
-        (lambda t: "", "--workspace is empty"),
-        (lambda t: "   ", "--workspace is empty"),
-        (lambda t: "/", "--workspace / would be wiped"),
+        (lambda t: "", "workspace is empty"),
+        (lambda t: "   ", "workspace is empty"),
+        (lambda t: "/", "workspace / would be wiped"),
         (lambda t: str(t / "home" / "project" / "sub"), "holds the current directory"),
         (lambda t: str(t / "home" / "project"), "holds the current directory"),
         (lambda t: str(t / "home"), "holds the current directory"),
@@ -131,10 +132,10 @@ def test_a_run_killed_before_its_summary_gets_a_failed_one_with_the_resume_comma
     run_dir = ws / "nvflare" / "server" / "simulate_job"
     run_dir.mkdir(parents=True)
     (run_dir / "fedbpt_checkpoint.npz").write_bytes(b"checkpoint of round 3")
-    monkeypatch.setattr(simulate, "_rounds_done", lambda path: 3 if path == str(ws / "fedbpt_checkpoint.npz") else 0)
+    monkeypatch.setattr(simulator, "_rounds_done", lambda path: 3 if path == str(ws / "fedbpt_checkpoint.npz") else 0)
     monkeypatch.setattr(sys, "argv", [JOB])
     argv = ["--config", "configs/tiny.yaml", "--resume", "old.npz", "--workspace", str(ws)]
-    record = simulate.finish_summary(str(ws), argv, None, "interrupted by SIGTERM")
+    record = simulator.finish_summary(str(ws), None, "interrupted by SIGTERM", lambda c: resume_command(argv, c))
     on_disk = strict_load(str(ws / SUMMARY_FILE))
     assert on_disk == record
     assert record["status"] == "failed" and record["reason"] == "interrupted by SIGTERM"
@@ -149,23 +150,25 @@ def test_a_run_killed_before_any_checkpoint_points_at_the_one_it_resumed_from(tm
     ws = tmp_path / "ws"
     (ws / "nvflare").mkdir(parents=True)
     start = str(tmp_path / "start.npz")
-    monkeypatch.setattr(simulate, "_rounds_done", lambda path: 2 if path == start else 0)
+    monkeypatch.setattr(simulator, "_rounds_done", lambda path: 2 if path == start else 0)
     script = tmp_path / "bin" / "fedbpt"  # the console script: its resume command names it, not job.py
     script.parent.mkdir()
     script.write_text("#!/usr/bin/env python\n")
     monkeypatch.setattr(sys, "argv", [str(script)])
-    record = simulate.finish_summary(str(ws), ["--resume", start], start, "interrupted by SIGINT")
+    record = simulator.finish_summary(
+        str(ws), start, "interrupted by SIGINT", lambda c: resume_command(["--resume", start], c)
+    )
     assert record["rounds_done"] == 2 and record["resume"] == f"{script} --resume {start}"
     from fedbpt.cli import main
 
     monkeypatch.setattr(sys, "argv", [main.__file__])  # python -m fedbpt.cli.main
-    assert simulate.resume_command([], start) == f"{sys.executable} -m fedbpt.cli.main --resume {start}"
-    record = simulate.finish_summary(str(ws), [], None, "interrupted by SIGINT")
+    assert resume_command([], start) == f"{sys.executable} -m fedbpt.cli.main --resume {start}"
+    record = simulator.finish_summary(str(ws), None, "interrupted by SIGINT", lambda c: resume_command([], c))
     assert record["rounds_done"] == 0 and record["resume"] is None
 
 
 def test_summaries_are_strict_json_and_a_run_without_scored_examples_fails(tmp_path):
-    s = RunSummary(dict(DEFAULTS), "acc")
+    s = RunSummary(RunConfig.build(), "acc")
     empty = {"train_loss": float("nan"), "train_n": 0, "train_confusion": np.zeros((2, 2), dtype=np.int64)}
     s.add_round(0, np.zeros(4), {"site-1": empty}, ["site-1"], sigma=float("inf"))
     s.add_final(1, np.zeros(4), {"site-1": empty})
@@ -194,8 +197,8 @@ def test_preflight_refuses_a_run_whose_every_example_would_be_dropped(toy_data_d
 def test_a_server_side_exception_leaves_a_failed_summary(tmp_path, monkeypatch):
     from fedbpt.flare.controller import FedBPTController
 
-    cfg = validate(dict(DEFAULTS, intrinsic_dim=8, num_clients=2, num_rounds=2))
-    ctrl = FedBPTController(config=cfg)
+    cfg = RunConfig.build(intrinsic_dim=8, num_clients=2, num_rounds=2)
+    ctrl = FedBPTController(config=cfg.to_job())
     ctrl.out_dir = str(tmp_path)
     panics = []
     monkeypatch.setattr(ctrl, "system_panic", lambda reason, fl_ctx: panics.append(reason))
@@ -214,7 +217,7 @@ def test_a_server_side_exception_leaves_a_failed_summary(tmp_path, monkeypatch):
 
 
 def test_sites_that_failed_setup_are_left_out_of_every_round():
-    cfg = validate(dict(DEFAULTS, intrinsic_dim=8, num_clients=4, min_clients=2, num_rounds=5))
+    cfg = RunConfig.build(intrinsic_dim=8, num_clients=4, min_clients=2, num_rounds=5)
     fed = Federation(cfg, ["site-1", "site-2", "site-3", "site-4"])
     fed.drop_sites(["site-2", "site-4"])
     for rnd in range(5):
@@ -328,7 +331,7 @@ def test_an_export_dir_that_cannot_hold_the_job_is_one_line(make, fragment, tmp_
 def test_setup_failures_are_named_with_their_errors():
     from fedbpt.flare.controller import FedBPTController
 
-    ctrl = FedBPTController(config=validate(dict(DEFAULTS, intrinsic_dim=8, num_clients=3)))
+    ctrl = FedBPTController(config=RunConfig.build(intrinsic_dim=8, num_clients=3).to_job())
     ctrl.errors = {"site-2": "ConfigError: no 'train' file in --data_dir /x"}
     assert ctrl._failed({"site-3", "site-2"}) == (
         "site-2 (ConfigError: no 'train' file in --data_dir /x), site-3 (no result)"

@@ -19,7 +19,7 @@ from fedbpt.core.aggregation import (
     weighted_told_points,
 )
 from fedbpt.core.baselines import make_server
-from fedbpt.core.config import DEFAULTS, validate
+from fedbpt.core.config import RunConfig
 
 D = 10
 
@@ -130,9 +130,9 @@ def test_client_stats_record_weight_distance_and_clipping():
 
 
 def test_fedbpt_robust_is_chosen_by_the_aggregation_option():
-    cfg = validate(dict(DEFAULTS, aggregation="fedbpt_robust", intrinsic_dim=D))
-    assert type(make_server(cfg, 3, ["site-1", "site-2", "site-3"])) is RobustServerES
-    assert type(make_server(dict(cfg, aggregation="fedbpt"), 3, ["site-1"])) is ServerES
+    cfg = RunConfig.build(aggregation="fedbpt_robust", intrinsic_dim=D)
+    assert type(make_server(cfg.aggregation, D, 1.0, 3, ["site-1", "site-2", "site-3"])) is RobustServerES
+    assert type(make_server("fedbpt", D, 1.0, 3, ["site-1"])) is ServerES
 
 
 def test_a_missing_client_is_told_as_the_mean_for_the_robust_server_too():
@@ -201,16 +201,16 @@ def test_the_incumbent_state_round_trips_and_a_resumed_server_takes_the_round_af
     server.aggregate(
         [_update("site-1", _unit(2), 0.1, start_loss=2.0), _update("site-2", _unit(3), 0.1, start_loss=2.0)]
     )
-    numbers, arrays = server.incumbent_state()
-    assert numbers == {
+    state = server.state_dict()
+    assert state["incumbent"] == {
         "rounds_done": 2,
         "round": 0,
         "losses": {"site-1": [1.0, 8], "site-2": [1.0, 8]},
         "went_back": True,
     }
-    assert np.array_equal(arrays["incumbent"], np.zeros(D))
+    assert np.array_equal(state["incumbent.incumbent"], np.zeros(D))
     fresh = RobustServerES(D, 1.0, 2, seed=1)
-    fresh.load_incumbent_state(numbers, arrays)
+    fresh.load_state_dict(state)
     info = fresh.aggregate(
         [_update("site-1", _unit(4), 0.1, start_loss=1.0 + 1e-12), _update("site-2", _unit(5), 0.1, start_loss=1.0)]
     )
@@ -220,7 +220,7 @@ def test_the_incumbent_state_round_trips_and_a_resumed_server_takes_the_round_af
 def test_a_round_row_and_its_progress_line_name_the_round_gone_back_to():
     from fedbpt.core.summary import RunSummary
 
-    summary = RunSummary(validate(dict(DEFAULTS, aggregation="fedbpt_robust", num_rounds=5)), "acc")
+    summary = RunSummary(RunConfig.build(aggregation="fedbpt_robust", num_rounds=5), "acc")
     row = {"round": 3, "clients": ["site-1"], "sigma": 0.25, "best_fitness": 0.1, "median_fitness": 0.2}
     line = summary.progress_line(dict(row, seconds=1.0, restored_to=1))
     assert "back to round 1's prompt | 1.00s" in line
@@ -271,6 +271,29 @@ def test_a_damaged_incumbent_is_refused_on_load(tmp_path):
         checkpoint.load(path)
 
 
+def test_a_robust_checkpoint_without_its_incumbent_resumes_and_starts_keeping_one(tmp_path):
+    import json
+
+    from test_checkpoint import make_cfg, run_fake, sites
+
+    from fedbpt.core import checkpoint
+    from fedbpt.core.federation import Federation
+
+    cfg = make_cfg(aggregation="fedbpt_robust")
+    path = checkpoint.save(run_fake(cfg, range(3)), 3, str(tmp_path))
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files if k != "incumbent.incumbent"}
+    header = json.loads(bytes(arrays["header"]).decode())
+    del header["incumbent"]
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    np.savez(path, **arrays)
+    resumed = Federation(cfg, sites(cfg))
+    assert checkpoint.restore(resumed, checkpoint.load(path)) == 3
+    assert (resumed.server.rounds_done, resumed.server.incumbent) == (3, None)
+    run_fake(cfg, range(3, 4), resumed)
+    assert resumed.server.incumbent_round == 3
+
+
 def test_checkpoints_do_not_cross_between_faithful_and_robust(tmp_path):
     from test_checkpoint import make_cfg, run_fake, sites
 
@@ -280,7 +303,7 @@ def test_checkpoints_do_not_cross_between_faithful_and_robust(tmp_path):
 
     path = checkpoint.save(run_fake(make_cfg(), range(2)), 2, str(tmp_path))
     robust = make_cfg(aggregation="fedbpt_robust")
-    with pytest.raises(CheckpointError, match="--aggregation 'fedbpt' there, 'fedbpt_robust' here"):
+    with pytest.raises(CheckpointError, match="aggregation 'fedbpt' there, 'fedbpt_robust' here"):
         checkpoint.restore(Federation(robust, sites(robust)), checkpoint.load(path))
 
 
@@ -303,6 +326,91 @@ def test_a_checkpoint_written_before_the_aggregation_was_recorded_resumes_as_fed
     assert checkpoint.restore(Federation(cfg, sites(cfg)), checkpoint.load(path)) == 2
 
 
+# ---- the robust server's state ------------------------------------------------------------------------------------
+def _robust_round(server: RobustServerES, rng) -> dict:
+    """One round of 3 clients whose reported losses at the sent mean vary, so that some rounds go back."""
+    ups = [
+        _update(f"site-{i}", rng.normal(size=D), float(rng.random()), float(rng.uniform(0.2, 1.0)), 4 + i, rng.random())
+        for i in range(1, 4)
+    ]
+    return server.aggregate(ups).notes
+
+
+def test_a_robust_server_loaded_from_another_s_state_dict_aggregates_identically():
+    from test_checkpoint import assert_same_state
+
+    a = RobustServerES(D, 1.0, 3, seed=1)
+    rng = np.random.default_rng(11)
+    for _ in range(4):
+        _robust_round(a, rng)
+    assert a.incumbent is not None
+    b = RobustServerES(D, 1.0, 3, seed=2)
+    _robust_round(b, np.random.default_rng(12))
+    b.load_state_dict(a.state_dict())
+    assert_same_state(b.state_dict(), a.state_dict())
+    gone_back = []
+    for r in range(8):
+        na, nb = _robust_round(a, np.random.default_rng(r)), _robust_round(b, np.random.default_rng(r))
+        assert na == nb
+        assert np.array_equal(a.state(0).mean, b.state(0).mean) and a.state(0).sigma == b.state(0).sigma
+        gone_back.append(na["restored_to"])
+    assert any(g is not None for g in gone_back) and any(g is None for g in gone_back)  # both rules were exercised
+    assert (a.rounds_done, a.incumbent_round) == (b.rounds_done, b.incumbent_round) == (12, b.incumbent_round)
+    assert np.array_equal(a.incumbent, b.incumbent) and a.incumbent_losses == b.incumbent_losses
+
+
+def _incumbent_round(s):
+    s["incumbent"]["round"] = 7
+
+
+def _cov_asymmetric(s):
+    s["es.sm.C"] = s["es.sm.C"] + np.triu(np.full((D, D), 0.5), 1)
+
+
+@pytest.mark.parametrize(
+    "damage, field, problem",
+    [
+        (_incumbent_round, "incumbent", "does not fit: incumbent.round is 7, not a round before 4"),
+        (lambda s: s.pop("incumbent.incumbent"), "incumbent", "does not fit: the incumbent mean is missing"),
+        (_cov_asymmetric, "es.sm.C", "is not symmetric"),  # the incumbent intact: it is not taken alone either
+    ],
+    ids=["incumbent-round", "incumbent-mean-missing", "es-damaged"],
+)
+def test_a_robust_server_refuses_a_damaged_state_and_stays_as_it_was(damage, field, problem):
+    from test_checkpoint import assert_same_state
+
+    from fedbpt.core.state import StateError
+
+    a, b = RobustServerES(D, 1.0, 3, seed=1), RobustServerES(D, 1.0, 3, seed=2)
+    rng = np.random.default_rng(11)
+    for _ in range(4):
+        _robust_round(a, rng)
+    _robust_round(b, np.random.default_rng(12))
+    assert a.incumbent_round is not None
+    before = b.state_dict()
+    state = a.state_dict()
+    damage(state)
+    with pytest.raises(StateError) as err:
+        b.load_state_dict(state)
+    assert err.value.field == field and err.value.problem.startswith(problem)
+    assert_same_state(b.state_dict(), before)
+
+
+def test_a_robust_state_without_its_incumbent_starts_keeping_one():
+    """A state whose server kept no incumbent: the rounds so far are the tells of its CMA-ES, and the next round's
+    sent mean becomes the incumbent."""
+    a = RobustServerES(D, 1.0, 3, seed=1)
+    rng = np.random.default_rng(11)
+    for _ in range(3):
+        _robust_round(a, rng)
+    state = a.state_dict()
+    del state["incumbent"], state["incumbent.incumbent"]
+    b = RobustServerES(D, 1.0, 3, seed=1)
+    b.load_state_dict(state)
+    assert (b.rounds_done, b.incumbent_round, b.incumbent, b.incumbent_losses) == (3, None, None, {})
+    assert _robust_round(b, rng)["restored_to"] is None and b.incumbent_round == 3
+
+
 # ---- the collapse, end to end -----------------------------------------------------------------------------------
 COLLAPSE = dict(
     num_clients=6,
@@ -322,9 +430,9 @@ def _collapse_run(aggregation: str, cache: str, seed: int = 1, **overrides) -> t
     from test_learning import small_config
 
     from fedbpt.core.client import RuntimePool
-    from fedbpt.core.federation import run_in_process
-    from fedbpt.core.preflight import prepare_config
+    from fedbpt.core.inprocess import run_in_process
     from fedbpt.core.search import evaluate
+    from fedbpt.flare.preflight import prepare_config
 
     cfg = prepare_config(small_config(seed, cache, aggregation=aggregation, **dict(COLLAPSE, **overrides)))
     pool = RuntimePool(cfg, cache)

@@ -65,7 +65,7 @@ def test_own_data_is_used_whole_and_seeds_stay_distinct(tmp_path):
     labels = np.array([0, 1] * 20)
     own = Examples([(f"text {i}",) for i in range(40)], labels)
     data = a.shards(task, cfg, own)
-    assert len(data.train) == len(data.dev) == 2 * cfg["k_shot"]  # k per class each, all from this site's file
+    assert len(data.train) == len(data.dev) == 2 * cfg.k_shot  # k per class each, all from this site's file
     assert not set(data.train.texts) & set(data.dev.texts)
     assert set(data.train.texts) | set(data.dev.texts) <= set(own.texts)
 
@@ -119,7 +119,7 @@ def test_device_is_the_gpu_nvflare_gave_this_client(gpus):
 
 def test_a_gpu_the_client_cannot_see_is_refused(gpus):
     gpus(1)
-    with pytest.raises(ConfigError, match=r"--device cuda:1: this client sees 1 GPU\(s\) \(CUDA_VISIBLE_DEVICES='3'\)"):
+    with pytest.raises(ConfigError, match=r"device cuda:1: this client sees 1 GPU\(s\) \(CUDA_VISIBLE_DEVICES='3'\)"):
         pick_device("cuda:1", env={"CUDA_VISIBLE_DEVICES": "3"})
     assert pick_device("cuda:0", env={"CUDA_VISIBLE_DEVICES": "3"}) == "cuda:0"
     gpus(0)
@@ -132,7 +132,8 @@ def test_a_gpu_the_client_cannot_see_is_refused(gpus):
 
 
 def test_fault_plan_parsing_and_lookup():
-    from fedbpt.research.fault import FaultInjectingExecutor, parse
+    from fedbpt.flare.drill import FaultInjectingExecutor
+    from fedbpt.research.fault import parse
 
     assert parse("site-2:1:raise, site-3:12:hang,") == {("site-2", 1): "raise", ("site-3", 12): "hang"}
     for bad in ("site-2:1", "site-2:x:raise", "site-2:1:explode"):
@@ -282,9 +283,11 @@ def test_each_client_gets_its_gpu_group_and_runs_on_it(gpus):
 
 
 def test_gpu_ids_beyond_the_machine_are_refused_before_any_process_starts(gpus):
-    from fedbpt.core.config import check_machine, resolve
+    from fedbpt.core.config import Launch
+    from fedbpt.flare.preflight import check_machine
 
     gpus(2)
-    check_machine(resolve(["--num_clients", "3", "--gpu", "[0,1],[1]"]))
-    with pytest.raises(ConfigError, match=r"--gpu \[0,1\],\[2\]: this machine has 2 GPU\(s\), ids 0\.\.1"):
-        check_machine(resolve(["--num_clients", "3", "--gpu", "[0,1],[2]"]))
+    cfg = helpers.make_cfg(num_clients=3)
+    check_machine(cfg, Launch.build(gpu="[0,1],[1]").for_run(cfg))
+    with pytest.raises(ConfigError, match=r"gpu \[0,1\],\[2\]: this machine has 2 GPU\(s\), ids 0\.\.1"):
+        check_machine(cfg, Launch.build(gpu="[0,1],[2]").for_run(cfg))

@@ -13,7 +13,7 @@ import pytest
 
 from fedbpt.core import scorer as scorer_module
 from fedbpt.core.client import RuntimePool, SiteRuntime, go_hub_offline
-from fedbpt.core.federation import run_in_process
+from fedbpt.core.inprocess import run_in_process
 from fedbpt.core.sitecache import CACHE_DIR, SetupCache, complete_model_folder
 
 
@@ -69,18 +69,18 @@ def test_a_read_entry_is_the_fresh_build(cfg, tmp_path):
         assert np.array_equal(runtime.test_examples.labels, plain.test_examples.labels)
         assert np.array_equal(runtime.scorer.A_t.numpy(), plain.scorer.A_t.numpy())
         assert runtime.scorer.proj_std == plain.scorer.proj_std
-    z = np.random.default_rng(0).normal(size=(3, cfg["intrinsic_dim"]))
+    z = np.random.default_rng(0).normal(size=(3, cfg.intrinsic_dim))
     assert np.array_equal(plain.scorer.label_logits(z, plain.train), again.scorer.label_logits(z, again.train))
 
 
 def test_a_changed_key_misses_and_a_run_only_field_does_not(cfg, tmp_path, toy_data_dir):
     build(cfg, tmp_path)
-    assert build(dict(cfg, num_rounds=9, local_iter=5, loss_type="hinge"), tmp_path).cache_state == "read"
-    assert build(dict(cfg, seed=cfg["seed"] + 1), tmp_path).cache_state == "written"
-    assert build(dict(cfg, k_shot=6), tmp_path).cache_state == "written"
+    assert build(cfg.replace(num_rounds=9, local_iter=5, loss_type="hinge"), tmp_path).cache_state == "read"
+    assert build(cfg.replace(seed=cfg.seed + 1), tmp_path).cache_state == "written"
+    assert build(cfg.replace(k_shot=6), tmp_path).cache_state == "written"
     data = tmp_path / "data"
     shutil.copytree(toy_data_dir, data)
-    copied = dict(cfg, data_dir=str(data))
+    copied = cfg.replace(data_dir=str(data))
     assert build(copied, tmp_path).cache_state == "written"  # another file
     assert build(copied, tmp_path).cache_state == "read"
     with open(data / "train.jsonl", "a") as f:  # the same file, changed

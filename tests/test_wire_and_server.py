@@ -213,3 +213,99 @@ def test_the_server_covariance_stays_the_identity_at_d500(robust):
     c = np.asarray(server.es.sm.C)
     assert np.abs(np.diag(c) - 1.0).max() < 2e-3
     assert np.abs(c - np.diag(np.diag(c))).max() < 2e-3
+
+
+# ---- the server's state ------------------------------------------------------------------------------------------
+def _rounds(server: ServerES, rng, n: int, bound: float = 0.0) -> list:
+    infos = []
+    for _ in range(n):
+        ups = _updates(4, rng, scale=2.0)
+        for u in ups:
+            u.mean = np.clip(u.mean, -bound, bound) if bound else u.mean  # clients search inside the box
+        infos.append(server.aggregate(ups))
+    return infos
+
+
+# pycma rescales its sigma_vec at each tell while a box this small holds its standard deviations to the box's maxstd;
+# the recorded fields do not include sigma_vec, so such a server does not continue exactly
+SMALL_BOX = pytest.mark.xfail(strict=True, reason="cma_state does not record pycma's sigma_vec")
+
+
+@pytest.mark.parametrize(
+    "rule, bound",
+    [
+        ("paper", 0.0),
+        ("reference", 0.0),
+        ("eq6_sent", 0.0),
+        ("paper", 3.0),
+        pytest.param("paper", 0.5, marks=SMALL_BOX),
+    ],
+)
+def test_a_server_loaded_from_another_s_state_dict_aggregates_identically(rule, bound):
+    from test_checkpoint import assert_same_state
+
+    a = ServerES(D, 1.0, 4, seed=1, bound=bound, sigma_rule=rule)
+    _rounds(a, np.random.default_rng(7), 3, bound)
+    b = ServerES(D, 1.0, 4, seed=2, bound=bound, sigma_rule=rule)  # another seed: the state, not the build, carries
+    _rounds(b, np.random.default_rng(8), 1, bound)
+    b.load_state_dict(a.state_dict())
+    assert_same_state(b.state_dict(), a.state_dict())
+    np.random.rand(3)  # numpy's global generator (which pycma's ask() draws from) does not matter to a server
+    for _ in range(3):
+        (ia,), (ib,) = _rounds(a, np.random.default_rng(9), 1, bound), _rounds(b, np.random.default_rng(9), 1, bound)
+        assert (ia.sigma_before_tell, ia.sigma_sent, ia.notes) == (ib.sigma_before_tell, ib.sigma_sent, ib.notes)
+        sa, sb = a.state(0), b.state(0)
+        assert np.array_equal(sa.mean, sb.mean) and np.array_equal(sa.cov, sb.cov) and sa.sigma == sb.sigma
+    assert_same_state(b.state_dict(), a.state_dict())
+
+
+def _put(state: dict, name: str, index, value) -> None:
+    state[name] = state[name].copy()
+    state[name][index] = value
+
+
+SERVER_DAMAGE = [
+    ("cov-nan", lambda s: _put(s, "es.sm.C", (0, 1), np.nan), "es.sm.C", "has NaN or inf"),
+    ("cov-asymmetric", lambda s: _put(s, "es.sm.C", (0, 1), 5.0), "es.sm.C", "is not symmetric"),
+    ("mean-shape", lambda s: s.update({"es.mean": np.zeros(D + 1)}), "es.mean", f"has shape ({D + 1},), not ({D},)"),
+    ("fitness-length", lambda s: s.update({"es.fit.fit": np.zeros(3)}), "es.fit.fit", "has shape (3,), not (4,)"),
+    ("sigma-zero", lambda s: s["es"]["scalars"].update(sigma=0.0), "es.scalars.sigma", "is 0.0, not a positive"),
+    ("sent-sigma", lambda s: s.update(sent_sigma=-1.0), "sent_sigma", "is -1.0, not a positive number"),
+    ("missing-pc", lambda s: s.pop("es.pc"), "es.pc", "is missing"),
+]
+
+
+@pytest.mark.parametrize("damage, field, problem", [d[1:] for d in SERVER_DAMAGE], ids=[d[0] for d in SERVER_DAMAGE])
+def test_a_server_refuses_a_damaged_state_and_stays_as_it_was(damage, field, problem):
+    from test_checkpoint import assert_same_state
+
+    from fedbpt.core.state import MissingField, StateError
+
+    a, b, twin = ServerES(D, 1.0, 4, seed=1), ServerES(D, 1.0, 4, seed=2), ServerES(D, 1.0, 4, seed=2)
+    _rounds(a, np.random.default_rng(7), 3)
+    _rounds(b, np.random.default_rng(8), 2)
+    _rounds(twin, np.random.default_rng(8), 2)
+    before = b.state_dict()
+    state = a.state_dict()
+    damage(state)
+    with pytest.raises(StateError) as err:
+        b.load_state_dict(state)
+    assert (err.value.field, err.value.problem[: len(problem)]) == (field, problem)
+    assert isinstance(err.value, MissingField) == (problem == "is missing")
+    assert_same_state(b.state_dict(), before)
+    _rounds(b, np.random.default_rng(9), 1)
+    _rounds(twin, np.random.default_rng(9), 1)
+    assert_same_state(b.state_dict(), twin.state_dict())  # it goes on as if nothing had been offered
+
+
+def test_a_pycma_without_a_recorded_field_is_refused_before_the_server_changes():
+    """Another pycma's layout raises AttributeError, and nothing of the state has been set by then."""
+    from test_checkpoint import assert_same_state
+
+    a, b = ServerES(D, 1.0, 4, seed=1), ServerES(D, 1.0, 4, seed=2)
+    _rounds(a, np.random.default_rng(7), 2)
+    del b.es.fit  # as a pycma keeping its fitness record elsewhere
+    before = b.state_dict()
+    with pytest.raises(AttributeError, match="fit"):
+        b.load_state_dict(a.state_dict())
+    assert_same_state(b.state_dict(), before)

@@ -13,8 +13,9 @@ import math
 import os
 
 from fedbpt.core.summary import atomic_write
+from fedbpt.flare.workspace import CURVES_FILE
 
-CURVES_FILE = "fedbpt_curves.png"
+__all__ = ["CURVES_FILE", "write"]
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:

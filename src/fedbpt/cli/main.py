@@ -1,18 +1,21 @@
-"""The command line: ``python job.py`` / ``fedbpt``. Runs the job in a guarded simulator, or exports it.
+"""The command line: ``python job.py`` / ``fedbpt``. Builds the recipe and runs it in the guarded simulator, or
+exports it.
 
     fedbpt --config configs/tiny.yaml                    # offline smoke run in the simulator
     fedbpt --model_name roberta-large --task_name sst2    # the paper's setting (GPU, hub access)
     fedbpt --export --export-dir ./jobs                   # job folder for `nvflare job submit`
 
-Flags keep the reference example's names. Everything is checked before a process starts; bad input is one line
-(``error: ...``) and exit 2. A run's console shows the project's lines (notes, a progress line per round, sites done
-in a slow round, the result) and every warning and error; NVFlare's messages go to ``W/fedbpt_log.txt``
-(``--verbose``: to the console too). The run ends with its summary, its verdict, the log's and the curves' paths.
+Flags keep the reference example's names (cli.options builds them from the configuration). Everything is checked
+before a process starts; bad input is one line (``error: ...``) and exit 2. A run's console shows the project's
+lines (notes, a progress line per round, sites done in a slow round, the result) and every warning and error;
+NVFlare's messages go to ``W/fedbpt_log.txt`` (``--verbose``: to the console too). The run ends with its summary,
+its verdict, the log's and the curves' paths.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import warnings
 
@@ -21,31 +24,30 @@ from fedbpt.errors import ConfigError
 FAULT_ENV = "FEDBPT_FAULT"  # a fault plan for drills and tests (research/fault.py)
 
 
-def protected_folders() -> dict[str, str]:
-    """Folders a workspace may not be, nor contain: the simulator wipes its workspace."""
-    here = os.getcwd()
-    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    folders = {"the current directory": here, "the home directory": os.path.expanduser("~")}
-    if os.path.isfile(os.path.join(checkout, "pyproject.toml")):  # an editable install: the source checkout
-        folders["the project checkout"] = checkout
-    return folders
+def resume_command(argv: list[str], checkpoint: str) -> str:
+    """The command line that continues this run from ``checkpoint`` (this run's flags, --resume replaced)."""
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--resume":
+            skip = True
+            continue
+        if a.startswith("--resume="):
+            continue
+        args.append(a)
+    return shlex.join([*invoked_as(), *args, "--resume", checkpoint])
 
 
-def _export(cfg: dict, fault_plan: str | None) -> int:
-    from fedbpt.core.preflight import prepare_config
-    from fedbpt.flare.recipe import FedBPTRecipe, check_export_dir
-
-    check_export_dir(cfg["export_dir"])
-    cfg = prepare_config(cfg)  # here, so that its errors name the flags (the recipe names keyword options)
-    recipe = FedBPTRecipe(config=cfg, fault_plan=fault_plan)
-    try:
-        recipe.export(cfg["export_dir"])
-    except (RuntimeError, OSError) as exc:  # e.g. a folder of that name that is not this job's
-        raise ConfigError(f"cannot export to {cfg['export_dir']}: {str(exc).splitlines()[0][:200]}") from None
-    print(f"exported job to {os.path.join(os.path.abspath(cfg['export_dir']), cfg['job_name'])}")
-    if not cfg["round_timeout"]:
-        print("note: --round_timeout 0: a site that hangs stalls its round; set it for deployments")
-    return 0
+def invoked_as() -> list[str]:
+    """The program part of this process's command line: ``python job.py``, the ``fedbpt`` script, or ``python -m``."""
+    prog = sys.argv[0] if sys.argv else ""
+    if not os.path.isfile(prog):  # python -c, an embedding host: the job script is what users run
+        return [sys.executable, "job.py"]
+    if os.path.samefile(prog, __file__):
+        return [sys.executable, "-m", "fedbpt.cli.main"]
+    return [sys.executable, prog] if prog.endswith(".py") else [prog]
 
 
 def _draw_curves(record: dict, workspace: str) -> str | None:
@@ -67,8 +69,8 @@ def _draw_curves(record: dict, workspace: str) -> str | None:
 
 def _result_lines(record: dict, workspace: str, curves_path: str | None) -> list[str]:
     """The console's last lines: summary, verdict, where NVFlare's log is, and (last) the curves."""
-    from fedbpt.cli.console import LOG_FILE
     from fedbpt.core.summary import SUMMARY_FILE, verdict
+    from fedbpt.flare.console import LOG_FILE
 
     lines = [f"summary: {os.path.join(workspace, SUMMARY_FILE)} ({record['status']})"]
     line = verdict(record)
@@ -80,8 +82,19 @@ def _result_lines(record: dict, workspace: str, curves_path: str | None) -> list
     return lines
 
 
+def _export(recipe, export_dir: str) -> int:
+    try:
+        recipe.export(export_dir)
+    except (RuntimeError, OSError) as exc:  # e.g. a folder of that name that is not this job's
+        raise ConfigError(f"cannot export to {export_dir}: {str(exc).splitlines()[0][:200]}") from None
+    print(f"exported job to {os.path.join(os.path.abspath(export_dir), recipe.config.job_name)}")
+    if not recipe.config.round_timeout:
+        print("note: --round_timeout 0: a site that hangs stalls its round; set it for deployments")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    from fedbpt.core.config import resolve
+    from fedbpt.cli.options import message, resolve
 
     argv = sys.argv[1:] if argv is None else list(argv)
     # nvflare.recipe reads (and strips) --export/--export-dir from sys.argv when imported, and warns that it does:
@@ -89,48 +102,42 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="NVFlare reserves '--export'", category=UserWarning)
     fault_plan = os.environ.get(FAULT_ENV, "").strip() or None
     try:
-        cfg = resolve(argv)
+        cfg, launch = resolve(argv)
         if fault_plan:
             from fedbpt.research.fault import parse
 
             parse(fault_plan)
-        if cfg["export"]:
-            return _export(cfg, fault_plan)
-        from fedbpt.cli import workspace
-        from fedbpt.core.preflight import preflight, prepare_config
-        from fedbpt.flare.recipe import FedBPTRecipe, simulated_torch_threads
+        from fedbpt.flare.recipe import FedBPTRecipe, check_export_dir
 
-        workspace.check(cfg["workspace"], protected_folders())
-        cfg["workspace"] = os.path.abspath(os.path.expanduser(cfg["workspace"]))
-        if not cfg["torch_threads"]:
-            cfg["torch_threads"] = simulated_torch_threads(cfg["threads"])
-        cfg = prepare_config(cfg)
-        preflight(cfg)
-        cfg["resume"], notes = workspace.prepare(cfg["workspace"], cfg["resume"])
-        recipe = FedBPTRecipe(config=cfg, fault_plan=fault_plan)
+        if launch.export:
+            check_export_dir(launch.export_dir)
+            return _export(FedBPTRecipe(cfg, fault_plan=fault_plan), launch.export_dir)
+        from fedbpt.flare.simulator import FedBPTSimEnv
+
+        launch = launch.for_run(cfg)
+        env = FedBPTSimEnv(
+            num_clients=cfg.num_clients,
+            workspace=launch.workspace,
+            threads=launch.threads,
+            gpu=launch.gpu,
+            verbose=launch.verbose,
+            resume_command=lambda checkpoint: resume_command(argv, checkpoint),
+        )
+        recipe = FedBPTRecipe(cfg, fault_plan=fault_plan)
+        recipe.run(env)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted before the run started; nothing was run", file=sys.stderr)
         return 130
-    from fedbpt.cli import simulate
-    from fedbpt.cli.console import LOG_FILE
-
-    log = os.path.join(cfg["workspace"], LOG_FILE)
-    for note in notes:
-        print(note)
-    where = f"here and in {log}" if cfg["verbose"] else f"{log} (--verbose: here too)"
-    n, rounds = cfg["num_clients"], cfg["num_rounds"]
-    print(f"running {n} sites x {rounds} rounds in the NVFlare simulator; NVFlare's messages: {where}")
-    sys.stdout.flush()  # before the simulator's processes write to the same console
-    rc, record = simulate.run(recipe, cfg, argv)
-    curves_path = _draw_curves(record, cfg["workspace"])
-    print("\n".join(_result_lines(record, cfg["workspace"], curves_path)), flush=True)
+    record = env.record
+    curves_path = _draw_curves(record, env.workspace)
+    print("\n".join(_result_lines(record, env.workspace, curves_path)), flush=True)
     if record["status"] != "completed":
         hint = f"; continue with: {record['resume']}" if record.get("resume") else " (no checkpoint to resume from)"
         print(f"error: the run stopped: {record.get('reason', 'see the server log')}{hint}", file=sys.stderr)
-    return rc
+    return env.exit_code
 
 
 def main_exit() -> None:

@@ -23,7 +23,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedbpt.core.cma_state import SIGMA_MAX
+from fedbpt.core.cma_state import check_state as check_es_state
+from fedbpt.core.cma_state import set_state as set_es_state
+from fedbpt.core.cma_state import state_dict as es_state_dict
 from fedbpt.core.search import GlobalState, make_es
+from fedbpt.core.state import StateError, member, number
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +289,24 @@ class ServerES:
     def _sent(self, updates: list[ClientUpdate], after: float, before: float) -> float:
         return sigma_sent(self.sigma_rule, after, before, self.sent_sigma)
 
+    def state_dict(self) -> dict:
+        """What a resumed server needs: its CMA-ES (:mod:`fedbpt.core.cma_state`, under ``es``) and the step sent on,
+        the one step that carries over between rounds."""
+        return {**es_state_dict(self.es, "es"), "sent_sigma": float(self.sent_sigma)}
+
+    @classmethod
+    def check_state(cls, state: dict, d: int, k: int) -> None:
+        """Raise StateError for the first field of ``state`` a server in dimension ``d`` telling ``k`` points a round
+        could not continue from. A class method, so that a saved state is checked before any server exists."""
+        check_es_state(state, "es", d, k)
+        number(member(state, "sent_sigma"), "sent_sigma", positive=True, hi=SIGMA_MAX)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`'s output; every field is checked before the server changes."""
+        self.check_state(state, self.d, self.k)
+        set_es_state(self.es, state, "es")
+        self.sent_sigma = float(state["sent_sigma"])
+
 
 class RobustServerES(ServerES):
     """FedBPT's server CMA-ES with three rules changed; the local search, the wire and Eq. 6 stay the paper's.
@@ -347,48 +370,69 @@ class RobustServerES(ServerES):
     def _sent(self, updates: list[ClientUpdate], after: float, before: float) -> float:
         return median_local_step(updates)
 
-    def incumbent_state(self) -> tuple[dict, dict]:
-        """(numbers, arrays) a checkpoint keeps of the incumbent, so a resumed run restores to the same mean."""
-        numbers = {
+    def state_dict(self) -> dict:
+        """The faithful server's state and the incumbent: its numbers under ``incumbent``, its mean (when there is
+        one) under ``incumbent.incumbent``, so a resumed run goes back to the same mean."""
+        state = super().state_dict()
+        state["incumbent"] = {
             "rounds_done": self.rounds_done,
             "round": self.incumbent_round,
             "losses": {s: [loss, n] for s, (loss, n) in sorted(self.incumbent_losses.items())},
             "went_back": self._restore,
         }
-        return numbers, ({} if self.incumbent is None else {"incumbent": self.incumbent.copy()})
+        if self.incumbent is not None:
+            state["incumbent.incumbent"] = self.incumbent.copy()
+        return state
 
-    def load_incumbent_state(self, numbers: dict, arrays: dict) -> None:
-        """Inverse of :meth:`incumbent_state` (checked by :func:`parse_incumbent_state`)."""
-        state = parse_incumbent_state(numbers, arrays, self.d)
-        self.rounds_done, self.incumbent_round, self.incumbent_losses, self.incumbent, self._restore = state
+    @classmethod
+    def check_state(cls, state: dict, d: int, k: int) -> None:
+        """The faithful server's checks, then the incumbent's when the state has one."""
+        super().check_state(state, d, k)
+        if "incumbent" in state:
+            _incumbent_from(state, d)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`'s output. A state without incumbent fields starts keeping an incumbent
+        from here, its rounds counted by the tells of its CMA-ES."""
+        super().load_state_dict(state)  # checks every field, the incumbent's too, before anything changes
+        if "incumbent" in state:
+            incumbent = _incumbent_from(state, self.d)
+        else:
+            incumbent = (int(self.es.countiter), None, {}, None, False)  # one tell per aggregation
+        self.rounds_done, self.incumbent_round, self.incumbent_losses, self.incumbent, self._restore = incumbent
 
 
-def parse_incumbent_state(numbers: dict, arrays: dict, d: int) -> tuple:
-    """(rounds_done, round, losses, mean, went_back) from :meth:`RobustServerES.incumbent_state`'s output as a
-    checkpoint stores it; raises ValueError naming the field that does not fit."""
+def _incumbent_from(state: dict, d: int) -> tuple:
+    """(rounds_done, round, losses, mean, went_back) from :meth:`RobustServerES.state_dict`'s incumbent fields;
+    StateError ``incumbent`` naming the part that does not fit."""
+
+    def unfit(problem: str) -> StateError:
+        return StateError("incumbent", f"does not fit: {problem}")
+
+    numbers = state["incumbent"]
     if not isinstance(numbers, dict):
-        raise ValueError(f"incumbent is {type(numbers).__name__}, not a map")
+        raise unfit(f"incumbent is {type(numbers).__name__}, not a map")
     rounds_done, rnd, losses = numbers.get("rounds_done"), numbers.get("round"), numbers.get("losses")
     went_back = numbers.get("went_back", False)
     if not isinstance(went_back, bool):
-        raise ValueError(f"incumbent.went_back is {went_back!r}, not true or false")
+        raise unfit(f"incumbent.went_back is {went_back!r}, not true or false")
     if isinstance(rounds_done, bool) or not isinstance(rounds_done, int) or rounds_done < 0:
-        raise ValueError(f"incumbent.rounds_done is {rounds_done!r}, not a round count")
+        raise unfit(f"incumbent.rounds_done is {rounds_done!r}, not a round count")
     if not isinstance(losses, dict):
-        raise ValueError(f"incumbent.losses is {type(losses).__name__}, not a site -> [loss, n] map")
+        raise unfit(f"incumbent.losses is {type(losses).__name__}, not a site -> [loss, n] map")
     parsed = {}
     for site, v in losses.items():
         ok = isinstance(v, list) and len(v) == 2 and isinstance(v[1], int) and not isinstance(v[1], bool)
         if not ok or isinstance(v[0], bool) or not isinstance(v[0], (int, float)) or not np.isfinite(v[0]):
-            raise ValueError(f"incumbent.losses[{site!r}] is {v!r}, not [finite loss, n_train]")
+            raise unfit(f"incumbent.losses[{site!r}] is {v!r}, not [finite loss, n_train]")
         parsed[str(site)] = (float(v[0]), int(v[1]))
     if rnd is None:
-        if "incumbent" in arrays or parsed or went_back:
-            raise ValueError("incumbent.round is null, yet an incumbent is stored")
+        if "incumbent.incumbent" in state or parsed or went_back:
+            raise unfit("incumbent.round is null, yet an incumbent is stored")
         return rounds_done, None, parsed, None, False
     if isinstance(rnd, bool) or not isinstance(rnd, int) or not 0 <= rnd < rounds_done:
-        raise ValueError(f"incumbent.round is {rnd!r}, not a round before {rounds_done}")
-    mean = np.asarray(arrays.get("incumbent", np.empty(0)), dtype=np.float64)
+        raise unfit(f"incumbent.round is {rnd!r}, not a round before {rounds_done}")
+    mean = np.asarray(state.get("incumbent.incumbent", np.empty(0)), dtype=np.float64)
     if mean.shape != (d,) or not np.all(np.isfinite(mean)):
-        raise ValueError(f"the incumbent mean is missing, not finite or not of shape ({d},)")
+        raise unfit(f"the incumbent mean is missing, not finite or not of shape ({d},)")
     return rounds_done, rnd, parsed, mean.copy(), went_back

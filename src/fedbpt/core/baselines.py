@@ -22,6 +22,9 @@ import numpy as np
 from fedbpt.core.aggregation import AggregationInfo, ClientUpdate, RobustServerES, ServerES, client_stats
 from fedbpt.core.search import GlobalState
 
+AGGREGATIONS = ("fedbpt", "fedbpt_robust", "fedavg", "local")  # --aggregation, built by make_server
+SERVER_ES = ("fedbpt", "fedbpt_robust")  # the aggregations with a server CMA-ES: checkpointed, resumable
+
 
 @dataclass
 class LocalStates(GlobalState):
@@ -71,12 +74,20 @@ class LocalOnlyServer:
         return AggregationInfo(sigma, sigma)
 
 
-def make_server(cfg: dict, clients_per_round: int, sites: list[str]):
-    """The server strategy named by --aggregation."""
-    d, sigma0 = cfg["intrinsic_dim"], cfg["sigma"]
-    if cfg["aggregation"] == "fedavg":
+def make_server(
+    aggregation: str,
+    d: int,
+    sigma0: float,
+    clients_per_round: int,
+    sites: list[str],
+    seed: int = 0,
+    bound: float = 0.0,
+    sigma_rule: str = "paper",
+):
+    """The server strategy named by --aggregation (one of AGGREGATIONS)."""
+    if aggregation == "fedavg":
         return FedAvgServer(d, sigma0)
-    if cfg["aggregation"] == "local":
+    if aggregation == "local":
         return LocalOnlyServer(d, sigma0, sites)
-    cls = RobustServerES if cfg["aggregation"] == "fedbpt_robust" else ServerES
-    return cls(d, sigma0, clients_per_round, cfg["seed"], cfg["bound"], cfg["server_sigma"])
+    cls = RobustServerES if aggregation == "fedbpt_robust" else ServerES
+    return cls(d, sigma0, clients_per_round, seed, bound, sigma_rule)

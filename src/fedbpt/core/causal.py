@@ -52,7 +52,7 @@ from fedbpt.core.scorer import (
     text_token_mask,
 )
 from fedbpt.core.tasks import TaskSpec
-from fedbpt.errors import ConfigError
+from fedbpt.errors import ConfigError, opt
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,8 @@ class CausalScorer(PromptScorer):
         self.kv_bytes_per_token, uniform = self._probe()
         if self.after_input and not uniform:
             raise ConfigError(
-                f"{type(self.model).__name__} has layers of different key/value shapes: use --prompt_placement front"
+                f"{type(self.model).__name__} has layers of different key/value shapes: use "
+                f"{opt('prompt_placement')} front"
             )
         kv_cap = KV_BUDGET_BYTES.get(self.device.type, KV_BUDGET_BYTES["cuda"]) // max(1, self.kv_bytes_per_token)
         self.pass_tokens = int(max(1, min(self.max_batch_tokens, kv_cap)))

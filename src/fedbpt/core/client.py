@@ -16,10 +16,10 @@ import logging
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedbpt.core.config import prompt_placement, scorer_options
 from fedbpt.core.data import load_split
 from fedbpt.core.models import TINY_NAME, model_kind, resolve_model
 from fedbpt.core.search import LocalObjective, derive_seed, evaluate, local_search, perturb
@@ -29,11 +29,14 @@ from fedbpt.core.tasks import get_task
 from fedbpt.core.wire import PRIVATE_SPLITS, encode_update, state_for_site
 from fedbpt.errors import ConfigError
 
+if TYPE_CHECKING:
+    from fedbpt.core.config import RunConfig
+
 log = logging.getLogger(__name__)
 _RUNTIMES: dict[tuple, SiteRuntime] = {}
 
 
-def build_scorer(cfg: dict, model_path: str, task, device: str, cached_projection: tuple | None = None):
+def build_scorer(cfg: RunConfig, model_path: str, task, device: str, cached_projection: tuple | None = None):
     """The scorer for the model's kind (masked: scorer.Scorer; causal: causal.CausalScorer), "auto" options resolved;
     ``cached_projection``: (A^T, std) from the site's set-up cache."""
     kind = model_kind(model_path)
@@ -41,21 +44,21 @@ def build_scorer(cfg: dict, model_path: str, task, device: str, cached_projectio
         from fedbpt.core.causal import CausalScorer as cls
     else:
         from fedbpt.core.scorer import Scorer as cls
-    opts = scorer_options(cfg, kind)
+    opts = cfg.scorer_options(kind)
     return cls(
         model_path,
         task,
-        cfg["n_prompt_tokens"],
-        cfg["intrinsic_dim"],
+        cfg.n_prompt_tokens,
+        cfg.intrinsic_dim,
         opts["cat_or_add"],
-        cfg["seed"],
-        cfg["sigma"],
+        cfg.seed,
+        cfg.sigma,
         device,
-        cfg["precision"],
-        cfg["max_batch_tokens"],
-        cfg["attn_implementation"],
+        cfg.precision,
+        cfg.max_batch_tokens,
+        cfg.attn_implementation,
         label_encoding=opts["label_encoding"],
-        prompt_placement=prompt_placement(cfg),
+        prompt_placement=cfg.placement,
         cached_projection=cached_projection,
     )
 
@@ -131,17 +134,17 @@ class SiteRuntime:
     """
 
     def __init__(
-        self, cfg: dict, site: str, cache_root: str, setup_cache: bool = False, hub_offline: bool = False
+        self, cfg: RunConfig, site: str, cache_root: str, setup_cache: bool = False, hub_offline: bool = False
     ) -> None:
         t0 = time.perf_counter()
-        if cfg["model_name"] == TINY_NAME:  # a research model: built before the run, named by its folder
+        if cfg.model_name == TINY_NAME:  # a research model: built before the run, named by its folder
             raise ConfigError("model tiny-random is not built: pass the config through core.preflight.prepare_config")
         self.cfg, self.site = cfg, site
-        self.task = get_task(cfg["task_name"])
+        self.task = get_task(cfg.task_name)
         self.local = site_settings(cfg, site, os.path.join(cache_root, "local"))  # the site's own data settings
         self.index = self.local.seed_index
-        self.is_eval_client = site in cfg["eval_clients"].split(",")
-        name = resolve_model(cfg["model_name"])
+        self.is_eval_client = site in cfg.eval_sites
+        name = resolve_model(cfg.model_name)
         store = SetupCache(cache_root, site) if setup_cache else None
         model_path = (store.local_model(name) if store else None) or name
         self.model_path = model_path  # what this runtime loaded (a hub id may resolve to a local snapshot)
@@ -153,9 +156,9 @@ class SiteRuntime:
         self.import_seconds = import_libraries(model_path)
         import torch
 
-        if cfg.get("torch_threads"):
-            torch.set_num_threads(int(cfg["torch_threads"]))
-        device = pick_device(cfg["device"])
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        device = pick_device(cfg.device)
         if entry is not None:
             self.scorer = build_scorer(cfg, model_path, self.task, device, (entry.a_t, entry.proj_std))
             self.train, self.dev, self.test = entry.train, entry.dev, entry.test
@@ -211,9 +214,9 @@ class SiteRuntime:
         return out
 
     @classmethod
-    def get(cls, cfg: dict, site: str, cache_root: str, **options) -> SiteRuntime:
+    def get(cls, cfg: RunConfig, site: str, cache_root: str, **options) -> SiteRuntime:
         """The process's runtime for (config, site), built on first use (``options``: see the class)."""
-        key = (json.dumps(cfg, sort_keys=True), site)
+        key = (cfg.model_dump_json(), site)
         if key not in _RUNTIMES:
             for old in _RUNTIMES.values():  # one site per process at a time: free the previous one
                 old.scorer.close()
@@ -224,9 +227,9 @@ class SiteRuntime:
     def _eval(self, z: np.ndarray, name: str, enc, out: dict, logits_fn=None) -> int:
         """Report ``name``'s loss, count and (this site's own train/dev data, --site_metrics pooled) correct count or
         confusion matrix into ``out``; returns the examples x prompts scored."""
-        r = evaluate(logits_fn or self.scorer.label_logits, z, enc, self.cfg["loss_type"])
+        r = evaluate(logits_fn or self.scorer.label_logits, z, enc, self.cfg.loss_type)
         out[f"{name}_loss"], out[f"{name}_n"] = r["loss"], r["n"]
-        if name in PRIVATE_SPLITS and self.cfg["site_metrics"] == "pooled":
+        if name in PRIVATE_SPLITS and self.cfg.site_metrics == "pooled":
             out[f"{name}_correct"] = int(np.trace(r["confusion"]))  # its rows would be the site's label histogram
         else:
             out[f"{name}_confusion"] = r["confusion"]
@@ -253,7 +256,7 @@ class SiteRuntime:
         if self.test is not None:
             best = np.asarray(msg["best_mean"], dtype=np.float64) if "best_mean" in msg else None
             zs = [final] if best is None or np.array_equal(best, final) else [final, best]  # scored once each
-            with torch_threads(self.cfg["test_threads"]):
+            with torch_threads(self.cfg.test_threads):
                 logits, bare = self.scorer.label_logits_with_bare(np.stack(zs), self.test)
                 if bare is None:
                     bare = self._bare_logits(self.test_examples)
@@ -266,11 +269,11 @@ class SiteRuntime:
 
     def _bare_logits(self, examples) -> np.ndarray:
         """The test set's label logits from the template alone (a scorer with no prompt tokens on the same model)."""
-        cfg = dict(self.cfg, n_prompt_tokens=0)
+        cfg = self.cfg.model_copy(update={"n_prompt_tokens": 0})
         bare = build_scorer(cfg, self.model_path, self.task, str(self.scorer.device))
         try:
             enc = bare.encode(examples)
-            logits = bare.label_logits(np.zeros(cfg["intrinsic_dim"]), enc)[0]
+            logits = bare.label_logits(np.zeros(cfg.intrinsic_dim), enc)[0]
             self.scorer.tokens += bare.tokens
         finally:
             bare.close()
@@ -282,25 +285,25 @@ class SiteRuntime:
         shown, state = state_for_site(state_msg, self.site)
         t0 = time.time()
         tokens = self.scorer.tokens
-        metrics = self.evaluate(shown, with_eval, with_test=cfg["test_eval"] == "rounds")
+        metrics = self.evaluate(shown, with_eval, with_test=cfg.test_eval == "rounds")
         t_eval = time.time() - t0
         perturbed = None
-        if cfg["perturb"]:
-            rng = np.random.default_rng([cfg["seed"], self.index, state.round, 1])
-            perturbed = perturb(self.train, cfg["perturb_rate"], self.scorer.ordinary_ids, rng)
+        if cfg.perturb:
+            rng = np.random.default_rng([cfg.seed, self.index, state.round, 1])
+            perturbed = perturb(self.train, cfg.perturb_rate, self.scorer.ordinary_ids, rng)
             self.scorer.hold(perturbed)  # after the input: the perturbed texts' keys/values, for this round
-        objective = LocalObjective(self.scorer.label_logits, self.train, cfg["loss_type"], perturbed, cfg["eq7"])
-        seed = derive_seed(cfg["seed"], self.index, state.round)
+        objective = LocalObjective(self.scorer.label_logits, self.train, cfg.loss_type, perturbed, cfg.eq7)
+        seed = derive_seed(cfg.seed, self.index, state.round)
         try:
             res = local_search(
                 state,
                 objective,
-                cfg["local_popsize"],
-                cfg["local_iter"],
+                cfg.local_popsize,
+                cfg.local_iter,
                 seed,
-                cfg["bound"],
+                cfg.bound,
                 should_stop,
-                cfg["local_adaptation"],
+                cfg.local_adaptation,
             )
         finally:
             if perturbed is not None:
@@ -325,7 +328,7 @@ class RuntimePool:
     """All sites' runtimes in one process (in-process runs and benchmarks); they share the cached model and A, so a
     set-up cache on disk (``setup_cache``) only helps a later process."""
 
-    def __init__(self, cfg: dict, cache_root: str, setup_cache: bool = False) -> None:
+    def __init__(self, cfg: RunConfig, cache_root: str, setup_cache: bool = False) -> None:
         self.cfg, self.cache_root, self.setup_cache = cfg, cache_root, setup_cache
         self.runtimes: dict[str, SiteRuntime] = {}
 

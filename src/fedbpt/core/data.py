@@ -18,8 +18,9 @@ from urllib.parse import urlparse
 import numpy as np
 
 from fedbpt.core.tasks import TaskSpec
-from fedbpt.errors import ConfigError
+from fedbpt.errors import ConfigError, opt
 
+PARTITIONS = ("hsu", "per_class")  # --partition: the non-IID schemes of partition()
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -57,7 +58,8 @@ def _find_local_file(data_dir: str, split: str) -> str:
         if os.path.isfile(path):
             return path
     raise ConfigError(
-        f"no '{split}' file in --data_dir {data_dir}: expected {split}.jsonl, .json, .csv or .parquet in the hub schema"
+        f"no '{split}' file in {opt('data_dir')} {data_dir}: expected {split}.jsonl, .json, .csv or .parquet in the "
+        "hub schema"
     )
 
 
@@ -172,7 +174,7 @@ def _label(value, task: TaskSpec, at: str) -> int:
     if not 0 <= label < task.num_classes and label not in task.drop_labels:
         raise ConfigError(
             f"{at}: label {label} is outside 0..{task.num_classes - 1} for task {task.name}: fix the label, or "
-            f"pass the --task_name the data is for"
+            f"pass the {opt('task_name')} the data is for"
         )
     return label
 
@@ -221,7 +223,9 @@ def load_split(task: TaskSpec, split: str, data_dir: str | None = None) -> Examp
     """
     if data_dir:
         if not os.path.isdir(data_dir):
-            raise ConfigError(f"--data_dir {data_dir} is not a directory: point it at a folder with train/test files")
+            raise ConfigError(
+                f"{opt('data_dir')} {data_dir} is not a directory: point it at a folder with train/test files"
+            )
         path = _find_local_file(data_dir, split)
         fmt = LOCAL_FORMATS[os.path.splitext(path)[1]]
         if fmt == "json":
@@ -239,14 +243,14 @@ def load_split(task: TaskSpec, split: str, data_dir: str | None = None) -> Examp
         if why:
             raise ConfigError(
                 f"cannot load {task.hub_path} ({split}) from the Hugging Face hub: {why}; "
-                f"pass --data_dir DIR with local {split}.jsonl/.csv/.parquet files in the hub schema"
+                f"pass {opt('data_dir')} DIR with local {split}.jsonl/.csv/.parquet files in the hub schema"
             )
         try:
             ds = datasets.load_dataset(task.hub_path, task.hub_config, split=split)
         except Exception as exc:  # offline, DNS failure, missing repo: all mean the same to the user
             raise ConfigError(
                 f"cannot load {task.hub_path} ({split}) from the Hugging Face hub ({type(exc).__name__}): "
-                f"pass --data_dir DIR with local {split}.jsonl/.csv/.parquet files in the hub schema"
+                f"pass {opt('data_dir')} DIR with local {split}.jsonl/.csv/.parquet files in the hub schema"
             ) from None
         cols = [c for c in (*task.text_columns, "label") if c in ds.column_names]
         rows = [dict(zip(cols, values)) for values in zip(*(ds[c] for c in cols))] if cols else []
@@ -272,9 +276,13 @@ def k_shot_indices(
     counts = np.bincount(labels, minlength=num_classes)
     if counts.min() < k_shot + dev_shot:
         c = int(counts.argmin())
-        fix = f"--k_shot to at most {counts.min() // 2}" if dev_shot == k_shot else "--k_shot or --dev_shot"
+        fix = (
+            f"{opt('k_shot')} to at most {counts.min() // 2}"
+            if dev_shot == k_shot
+            else f"{opt('k_shot')} or {opt('dev_shot')}"
+        )
         raise ConfigError(
-            f"--k_shot {k_shot} needs {k_shot + dev_shot} training examples of class {c} (train + dev), "
+            f"{opt('k_shot')} {k_shot} needs {k_shot + dev_shot} training examples of class {c} (train + dev), "
             f"the data has {counts[c]}: lower {fix}"
         )
     order = np.random.default_rng(seed).permutation(len(labels))
@@ -412,7 +420,8 @@ def partition(
     n = len(labels)
     if n < num_clients:
         raise ConfigError(
-            f"{n} examples cannot give {num_clients} clients one each: raise --k_shot or lower --num_clients"
+            f"{n} examples cannot give {num_clients} clients one each: raise {opt('k_shot')} or lower "
+            f"{opt('num_clients')}"
         )
     rng = np.random.default_rng(seed)
     if iid:
@@ -422,7 +431,7 @@ def partition(
     elif scheme == "per_class":
         shards = _per_class(labels, num_clients, alpha, num_classes, rng)
     else:
-        raise ConfigError(f"unknown --partition {scheme!r}: use hsu or per_class")
+        raise ConfigError(f"unknown {opt('partition')} {scheme!r}: use hsu or per_class")
     _give_empty_clients_one(shards)
     return [np.sort(np.asarray(s, dtype=np.int64)) for s in shards]
 
@@ -436,7 +445,7 @@ def site_index(site_name: str, num_clients: int) -> int:
     if not m or not 1 <= int(m.group(1)) <= num_clients:
         raise ConfigError(
             f"site '{site_name}' has no shard: simulator sites are named site-1..site-{num_clients}; "
-            f"set FEDBPT_SITE_INDEX or give the site its own --data_dir"
+            f"set FEDBPT_SITE_INDEX or give the site its own {opt('data_dir')}"
         )
     return int(m.group(1)) - 1
 

@@ -19,8 +19,12 @@ import glob
 import json
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from fedbpt.errors import ConfigError
+from fedbpt.errors import ConfigError, opt
+
+if TYPE_CHECKING:
+    from fedbpt.core.config import RunConfig
 
 GIB = 1 << 30
 CMA_MATRICES = 8  # d x d float64 arrays at the server's peak (measured 4.6-6.4 during a round, plus the checkpoint)
@@ -104,7 +108,7 @@ def safetensors_params(model_path: str) -> int | None:
 
 
 def estimate(
-    cfg: dict,
+    cfg: RunConfig,
     shape: ModelShape,
     kind: str,
     examples_per_site: int,
@@ -114,12 +118,10 @@ def estimate(
     """The memory ``cfg`` needs with a model of ``shape`` (``kind`` masked or causal); ``examples_per_site``:
     the train + dev examples of the largest site (held as keys/values after the input); ``kv_budget`` and
     ``hold_budget``: the causal scorer's caps on a pass's keys/values and on the held ones, on the run's device."""
-    from fedbpt.core.config import prompt_placement
-
-    d = int(cfg["intrinsic_dim"])
+    d = cfg.intrinsic_dim
     es = CMA_MATRICES * d * d * 8
-    width = DTYPE_BYTES[cfg["precision"]]
-    pass_tokens = int(cfg["max_batch_tokens"])
+    width = DTYPE_BYTES[cfg.precision]
+    pass_tokens = cfg.max_batch_tokens
     kv = 0  # a causal pass keeps its keys/values; the scorer caps them at kv_budget bytes, so the pass at fewer tokens
     per_token = 2 * shape.layers * shape.kv_width * width
     if kind == "causal":
@@ -127,13 +129,13 @@ def estimate(
         kv = pass_tokens * per_token
     activations = pass_tokens * (PASS_HIDDEN_COPIES * shape.hidden + 2 * shape.intermediate) * width + kv
     held = 0
-    if kind == "causal" and prompt_placement(cfg) == "after_input":
+    if kind == "causal" and cfg.placement == "after_input":
         held = min(hold_budget, per_token * examples_per_site * HELD_TOKENS_PER_EXAMPLE)
     return MemoryNeeds(
         server=PROCESS_BYTES + es,
         process=PROCESS_BYTES,
         weights=shape.params * width,
-        projection=d * int(cfg["n_prompt_tokens"]) * shape.hidden * 4,
+        projection=d * cfg.n_prompt_tokens * shape.hidden * 4,
         local_es=es,
         activations=activations,
         held=held,
@@ -145,35 +147,39 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.1f} GiB"
 
 
-def ram_needed(cfg: dict, needs: MemoryNeeds, on_gpu: bool) -> tuple[int, int]:
-    """(the run's RAM: server and ``--threads`` client processes, one client process's RAM)."""
-    threads = int(cfg.get("threads") or cfg["num_clients"])
+def ram_needed(threads: int, needs: MemoryNeeds, on_gpu: bool) -> tuple[int, int]:
+    """(the run's RAM: server and ``threads`` client processes at once, one client process's RAM)."""
     client_ram = needs.process + needs.local_es + (needs.load_peak if on_gpu else needs.client_on_device)
     return needs.server + threads * client_ram, client_ram
 
 
-def check_fits(cfg: dict, needs: MemoryNeeds, available_ram: int | None, gpu_bytes: list[int] | None = None) -> None:
-    """Refuse a simulator run that cannot fit: the server and ``--threads`` clients in ``available_ram`` (the
+def check_fits(
+    threads: int, gpu: str | None, needs: MemoryNeeds, available_ram: int | None, gpu_bytes: list[int] | None = None
+) -> None:
+    """Refuse a simulator run that cannot fit: the server and ``threads`` clients in ``available_ram`` (the
     machine's total: a run over what is free now may still fit), on CUDA each GPU's clients in ``gpu_bytes[i]``
     (the GPUs this process sees, by physical id)."""
     from fedbpt.core.config import gpu_groups
 
-    threads = int(cfg.get("threads") or cfg["num_clients"])
     on_gpu = gpu_bytes is not None
-    ram, client_ram = ram_needed(cfg, needs, on_gpu)
+    ram, client_ram = ram_needed(threads, needs, on_gpu)
     if available_ram is not None and ram > available_ram:
         if needs.server > available_ram / 2:
-            fix = "lower --intrinsic_dim (the server's CMA-ES keeps d x d matrices)"
+            fix = f"lower {opt('intrinsic_dim')} (the server's CMA-ES keeps d x d matrices)"
         else:
             fit = max(0, int((available_ram - needs.server) // client_ram))
-            fix = f"run --threads {fit} clients at once" if fit else "use a smaller model or --intrinsic_dim"
+            fix = (
+                f"run {opt('threads')} {fit} clients at once"
+                if fit
+                else f"use a smaller model or {opt('intrinsic_dim')}"
+            )
         raise ConfigError(
             f"this run needs about {_gib(ram)} of memory (server {_gib(needs.server)}, {threads} client processes at "
             f"{_gib(client_ram)} each) and the machine has {_gib(available_ram)} available: {fix}"
         )
     if not on_gpu:
         return
-    groups = gpu_groups(cfg["gpu"]) if cfg.get("gpu") else [",".join(str(i) for i in range(len(gpu_bytes)))]
+    groups = gpu_groups(gpu) if gpu else [",".join(str(i) for i in range(len(gpu_bytes)))]
     per_group = 1 if len(groups) > 1 else threads  # several groups: NVFlare runs one client per group at a time
     users: dict[int, int] = {}
     for group in groups:
@@ -184,9 +190,10 @@ def check_fits(cfg: dict, needs: MemoryNeeds, available_ram: int | None, gpu_byt
         if gpu < len(gpu_bytes) and count * each > gpu_bytes[gpu]:
             fit = int(gpu_bytes[gpu] // each)
             fix = (
-                f"run --threads {fit} clients at once, spread them over GPU groups (--gpu 0,1), or use --precision bf16"
+                f"run {opt('threads')} {fit} clients at once, spread them over GPU groups ({opt('gpu')} 0,1), or use "
+                f"{opt('precision')} bf16"
                 if fit
-                else "use --precision bf16, a lower --max_batch_tokens, or a larger GPU"
+                else f"use {opt('precision')} bf16, a lower {opt('max_batch_tokens')}, or a larger GPU"
             )
             raise ConfigError(
                 f"GPU {gpu} would hold {count} client processes at {_gib(each)} each ({_gib(count * each)}) and has "

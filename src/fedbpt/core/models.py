@@ -19,7 +19,7 @@ import tempfile
 import time
 import zipfile
 
-from fedbpt.errors import ConfigError
+from fedbpt.errors import ConfigError, opt
 
 TINY_NAME = "tiny-random"  # built by research.tiny before a run, then named by its folder
 
@@ -136,7 +136,10 @@ TOKENIZER_FILES = (
     "spiece.model",
     "sentencepiece.bpe.model",
 )
-FOLDER_FIX = "point --model_name at a save_pretrained folder of a masked or causal LM, or use --model_name tiny-random"
+FOLDER_FIX = (
+    f"point {opt('model_name')} at a save_pretrained folder of a masked or causal LM, or use {opt('model_name')} "
+    "tiny-random"
+)
 
 
 def check_model_folder(path: str) -> None:

@@ -35,7 +35,7 @@ import numpy as np
 
 from fedbpt.core.data import Examples, hub_unreachable
 from fedbpt.core.tasks import TaskSpec
-from fedbpt.errors import ConfigError
+from fedbpt.errors import ConfigError, opt
 
 log = logging.getLogger(__name__)
 
@@ -86,17 +86,24 @@ def check_model_source(model_path: str) -> None:
         return
     if os.path.sep in model_path or model_path.startswith("."):
         raise ConfigError(
-            f"model directory {model_path} does not exist: fix --model_name, or use --model_name tiny-random"
+            f"model directory {model_path} does not exist: fix {opt('model_name')}, or use {opt('model_name')} "
+            "tiny-random"
         )
     why = hub_unreachable()
     if why:
         raise ConfigError(
-            f"cannot load model '{model_path}' from the Hugging Face hub: {why}; pass --model_name with a local "
-            f"model directory, or --model_name tiny-random (or --config configs/tiny.yaml) for an offline smoke run"
+            f"cannot load model '{model_path}' from the Hugging Face hub: {why}; pass {opt('model_name')} with a local "
+            f"model directory, or {opt('model_name')} tiny-random (or --config configs/tiny.yaml) for an offline "
+            "smoke run"
         )
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")  # the dtype the weights are loaded in
+LOSS_TYPES = ("ce", "hinge", "perf")  # example_losses
+PROMPT_MODES = ("add", "cat")  # --cat_or_add: prompt added at placeholder positions, or concatenated in front
+LABEL_ENCODINGS = ("bare", "space")  # label_token_ids
+PLACEMENTS = ("front", "after_input")  # where the prompt goes; after_input: causal LMs only (causal.CausalScorer)
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")  # transformers' attn_implementation values the scorers load with
 
 
 def load_model(
@@ -122,7 +129,8 @@ def load_model(
         except (OSError, ValueError) as exc:
             raise ConfigError(
                 f"cannot load {kind} LM '{model_path}' ({where}): {str(exc).splitlines()[0][:160]}; "
-                f"pass --model_name with a local model directory, or --model_name tiny-random for a smoke run"
+                f"pass {opt('model_name')} with a local model directory, or {opt('model_name')} tiny-random for a "
+                "smoke run"
             ) from None
         if not getattr(tokenizer, "is_fast", False):
             raise ConfigError(f"model '{model_path}' has no fast tokenizer: FedBPT needs offsets to find the text")
@@ -217,19 +225,21 @@ def label_token_ids(tokenizer, words: tuple[str, ...], encoding: str = "bare") -
             if len(pieces) != 1:
                 raise ConfigError(
                     f"label word '{word}' is {len(pieces)} tokens for this tokenizer: FedBPT needs single-token label "
-                    f"words with --label_encoding space; use a model whose vocabulary has ' {word}' as one token, or "
-                    f"--label_encoding bare"
+                    f"words with {opt('label_encoding')} space; use a model whose vocabulary has ' {word}' as one "
+                    "token, or "
+                    f"{opt('label_encoding')} bare"
                 )
         else:
-            raise ConfigError(f"unknown --label_encoding {encoding}: use bare or space")
+            raise ConfigError(f"unknown {opt('label_encoding')} {encoding}: use bare or space")
         ids.append(int(pieces[0]))
     for j, tid in enumerate(ids):
         first = ids.index(tid)
         if first != j:
             raise ConfigError(
                 f"label words '{words[first]}' and '{words[j]}' are both token {tid} "
-                f"('{tokenizer.decode([tid])}') with --label_encoding {encoding}: use distinct label words, or the "
-                f"other --label_encoding"
+                f"('{tokenizer.decode([tid])}') with {opt('label_encoding')} {encoding}: use distinct label words, "
+                "or the "
+                f"other {opt('label_encoding')}"
             )
     return ids
 
@@ -272,7 +282,7 @@ class PromptScorer:
         prompt_placement = prompt_placement or self.placements[0]
         if prompt_placement not in self.placements:
             raise ConfigError(
-                f"--prompt_placement {prompt_placement} is not available for {type(self).__name__}: use "
+                f"{opt('prompt_placement')} {prompt_placement} is not available for {type(self).__name__}: use "
                 f"{' or '.join(self.placements)} (after_input needs a causal LM)"
             )
         self.placement = prompt_placement
@@ -282,7 +292,7 @@ class PromptScorer:
         cat_or_add = cat_or_add or self.default_mode
         label_encoding = label_encoding or self.default_label_encoding
         if cat_or_add not in ("add", "cat"):
-            raise ConfigError(f"unknown --cat_or_add {cat_or_add}: use add or cat")
+            raise ConfigError(f"unknown {opt('cat_or_add')} {cat_or_add}: use add or cat")
         self.torch = torch
         self.task = task
         self.n_prompt = n_prompt_tokens
@@ -292,7 +302,7 @@ class PromptScorer:
         self.device = torch.device(device)
         self.max_batch_tokens = max_batch_tokens
         if precision not in PRECISIONS:
-            raise ConfigError(f"unknown --precision {precision}: use {', '.join(PRECISIONS)}")
+            raise ConfigError(f"unknown {opt('precision')} {precision}: use {', '.join(PRECISIONS)}")
         self.precision = precision  # the weights' dtype; A and A z stay fp32, cast once to the embeddings' dtype
         self.tokenizer, self.model = self.load(model_path, device, attn_implementation, precision=precision)
         self.check_model(model_path)
@@ -614,7 +624,7 @@ def example_losses(logits: np.ndarray, labels: np.ndarray, loss_type: str) -> np
         return margins.sum(-1) / k
     if loss_type == "perf":
         return -(x.argmax(-1) == y).astype(np.float64)
-    raise ConfigError(f"unknown --loss_type {loss_type}: use ce, hinge or perf")
+    raise ConfigError(f"unknown {opt('loss_type')} {loss_type}: use ce, hinge or perf")
 
 
 def loss_and_metrics(logits: np.ndarray, labels: np.ndarray, loss_type: str) -> tuple[np.ndarray, np.ndarray]:

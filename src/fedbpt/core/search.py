@@ -18,6 +18,8 @@ import numpy as np
 from fedbpt.core.scorer import Encoded, example_losses, loss_and_metrics
 
 EPS = 1e-12
+EQ7_FORMS = ("mean_ratio", "per_example")  # --eq7: mean_ratio as the reference, per_example as the paper writes it
+STEP_ADAPTATIONS = ("csa", "tpa")  # --local_adaptation: pycma step-size adaptation classes (adaptation_class)
 
 
 @dataclass

@@ -19,10 +19,14 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fedbpt.core.data import SITE_PATTERN, Examples, SiteData, k_shot_indices, site_data, site_index
 from fedbpt.core.tasks import TaskSpec
-from fedbpt.errors import ConfigError
+from fedbpt.errors import ConfigError, opt
+
+if TYPE_CHECKING:
+    from fedbpt.core.config import RunConfig
 
 SITE_FILE = "fedbpt_site.json"
 ENV_DATA_DIR = "FEDBPT_DATA_DIR"
@@ -37,23 +41,23 @@ class SiteSettings:
     seed_index: int  # feeds this site's seeds (local search, perturbation): distinct per site
     source: str  # where the settings came from, for the log
 
-    def shards(self, task: TaskSpec, cfg: dict, full_train: Examples) -> SiteData:
+    def shards(self, task: TaskSpec, cfg: RunConfig, full_train: Examples) -> SiteData:
         """This site's k-shot train and dev examples."""
         if self.shard is None:
-            tr, dv = k_shot_indices(full_train.labels, cfg["k_shot"], task.num_classes, cfg["seed"], cfg["dev_shot"])
+            tr, dv = k_shot_indices(full_train.labels, cfg.k_shot, task.num_classes, cfg.seed, cfg.dev_shot)
             return SiteData(full_train.subset(tr), full_train.subset(dv))
         return site_data(
             task,
             self.data_dir,
-            cfg["k_shot"],
-            cfg["num_clients"],
+            cfg.k_shot,
+            cfg.num_clients,
             self.shard,
-            cfg["iid"],
-            cfg["alpha_dir"],
-            cfg["seed"],
+            cfg.iid,
+            cfg.alpha_dir,
+            cfg.seed,
             full_train=full_train,
-            scheme=cfg["partition"],
-            dev_shot=cfg["dev_shot"],
+            scheme=cfg.partition,
+            dev_shot=cfg.dev_shot,
         )
 
 
@@ -79,12 +83,12 @@ def read_site_file(config_dir: str | None) -> tuple[dict, str]:
     return data, path
 
 
-def site_settings(cfg: dict, site: str, config_dir: str | None = None, env: dict | None = None) -> SiteSettings:
+def site_settings(cfg: RunConfig, site: str, config_dir: str | None = None, env: dict | None = None) -> SiteSettings:
     """Resolve this site's data folder and shard: environment, then ``config_dir/fedbpt_site.json``, then the job."""
     env = os.environ if env is None else env
     file_values, file_path = read_site_file(config_dir)
     sources = []
-    data_dir = cfg.get("data_dir")
+    data_dir = cfg.data_dir
     if "data_dir" in file_values:
         data_dir = file_values["data_dir"]
         sources.append(f"data_dir from {file_path}")
@@ -104,7 +108,7 @@ def site_settings(cfg: dict, site: str, config_dir: str | None = None, env: dict
     if env.get(ENV_SITE_INDEX):
         index = env[ENV_SITE_INDEX]
         sources.append(f"site_index from ${ENV_SITE_INDEX}")
-    n = int(cfg["num_clients"])
+    n = cfg.num_clients
     if index is None:
         shard = site_index(site, n)
         seed_index = shard
@@ -142,7 +146,8 @@ def pick_device(requested: str | None, env: dict | None = None) -> str:
         i = int(idx) if idx.isdigit() else 0
         if i >= count:
             raise ConfigError(
-                f"--device {requested}: this client sees {count} GPU(s) (CUDA_VISIBLE_DEVICES={visible!r}); NVFlare "
-                f"assigns GPUs per client, so leave --device unset (or 'cuda') to use the one it was given"
+                f"{opt('device')} {requested}: this client sees {count} GPU(s) (CUDA_VISIBLE_DEVICES={visible!r}); "
+                "NVFlare "
+                f"assigns GPUs per client, so leave {opt('device')} unset (or 'cuda') to use the one it was given"
             )
     return requested

@@ -39,12 +39,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedbpt.core.data import Examples
 from fedbpt.core.models import TOKENIZER_FILES, WEIGHT_FILES
 from fedbpt.core.scorer import Encoded
+
+if TYPE_CHECKING:
+    from fedbpt.core.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +62,7 @@ _ENTRY_NAME = re.compile(r"^[0-9a-f]{32}$")
 # Config fields that change how a run proceeds but not what a site derives at set-up (data, encodings, A).
 RUN_ONLY = frozenset(
     {
-        "job_name", "num_rounds", "min_clients", "workspace", "threads", "gpu", "verbose", "export", "export_dir",
+        "job_name", "num_rounds", "min_clients",
         "bound", "batch_size", "device", "loss_type", "local_iter", "local_popsize", "perturb", "perturb_rate", "eq7",
         "eval_clients", "frac", "eval_every", "test_eval", "server_sigma", "local_adaptation", "aggregation",
         "cov_mode", "max_batch_tokens", "attn_implementation", "round_timeout", "torch_threads", "test_threads",
@@ -177,13 +181,13 @@ class SetupCache:
         self.dir = os.path.join(cache_root, CACHE_DIR, site)
 
     # ---- key -------------------------------------------------------------------------------------------
-    def key(self, cfg: dict, local, is_eval: bool, model_path: str, task) -> dict:
+    def key(self, cfg: RunConfig, local, is_eval: bool, model_path: str, task) -> dict:
         """Everything that decides this site's entry (``local``: its core.site.SiteSettings)."""
         splits = ("train", task.test_split) if is_eval else ("train",)
         return {
             "format": FORMAT,
             "site": self.site,
-            "config": {k: v for k, v in sorted(cfg.items()) if k not in RUN_ONLY and k != "model_name"},
+            "config": {k: v for k, v in sorted(cfg.model_dump().items()) if k not in RUN_ONLY and k != "model_name"},
             "local": [local.data_dir, local.shard, local.seed_index],
             "eval": bool(is_eval),
             "data": data_files(task, local.data_dir, splits),

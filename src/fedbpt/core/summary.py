@@ -12,12 +12,16 @@ import io
 import json
 import os
 import tempfile
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedbpt.core.config import prompt_placement
 from fedbpt.core.scorer import metric_from_confusion
+from fedbpt.core.state import StateError, array, integer, mapping, member, optional_metric, sequence
 from fedbpt.core.wire import PRIVATE_SPLITS
+
+if TYPE_CHECKING:
+    from fedbpt.core.config import RunConfig
 
 SUMMARY_FILE = "fedbpt_summary.json"
 # The logger of the lines a person follows a run by (progress, sites done, best round): job.py's console shows this
@@ -72,7 +76,7 @@ def npy_bytes(a: np.ndarray) -> bytes:
 
 
 class RunSummary:
-    def __init__(self, config: dict, metric: str) -> None:
+    def __init__(self, config: RunConfig, metric: str) -> None:
         self.config = config
         self.metric = metric
         self.rounds: list[dict] = []
@@ -141,9 +145,51 @@ class RunSummary:
             self.status = "completed"
         return row
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs of the record: the rounds so far and the best-by-dev choice under ``summary``, the
+        best prompt as the array ``best_z``. The final evaluation is not part of it: a resumed run makes its own."""
+        state = {"summary": {"rounds": [dict(r) for r in self.rounds], "best": dict(self.best)}}
+        if self.best_z is not None:
+            state["best_z"] = np.array(self.best_z, dtype=np.float64)
+        return state
+
+    @staticmethod
+    def check_state(state: dict, d: int) -> None:
+        """Raise StateError for the first field of ``state`` a record of ``d``-dimensional prompts could not continue:
+        rows that are not rounds 0, 1, ... in order, a best round or metric that does not fit them."""
+        summary = mapping(member(state, "summary"), "summary")
+        rows = sequence(member(summary, "rounds", "summary.rounds"), "summary.rounds")
+        for i, row in enumerate(rows):
+            field = f"summary.rounds[{i}]"
+            v = member(mapping(row, field), "round", f"{field}.round")
+            if isinstance(v, bool) or not isinstance(v, int) or v != i:
+                raise StateError(f"{field}.round", f"is {v!r}, not {i}: the rows are rounds 0, 1, ... in order")
+        best = mapping(member(summary, "best", "summary.best"), "summary.best")
+        best_round = member(best, "round", "summary.best.round")
+        dev = optional_metric(member(best, "dev_acc", "summary.best.dev_acc"), "summary.best.dev_acc")
+        for key in ("dev_loss", "test_acc"):  # absent reads as null
+            optional_metric(best.get(key), f"summary.best.{key}")
+        if best_round is None:
+            if dev is not None:
+                raise StateError("summary.best.round", "is null, yet summary.best.dev_acc is set")
+            if "best_z" in state:
+                raise StateError("best_z", "is present, yet summary.best.round is null")
+        else:
+            if not rows:
+                raise StateError("summary.best.round", f"is {best_round!r}, but no round is done")
+            integer(best_round, "summary.best.round", 0, len(rows) - 1)
+            array(state, "best_z", (d,))
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`'s output; every field is checked before the record changes."""
+        self.check_state(state, self.config.intrinsic_dim)
+        self.rounds = [dict(r) for r in state["summary"]["rounds"]]
+        self.best = dict(state["summary"]["best"])
+        self.best_z = np.array(state["best_z"], dtype=np.float64) if "best_z" in state else None
+
     def split_metric(self, split: str) -> str:
         """What the pooled value of ``split`` is (see :func:`split_metric`)."""
-        return split_metric(self.metric, split, self.config.get("site_metrics", "pooled"))
+        return split_metric(self.metric, split, self.config.site_metrics)
 
     def fail(self, reason: str) -> None:
         self.status, self.reason = "failed", reason
@@ -152,7 +198,7 @@ class RunSummary:
         """One round (or the final evaluation) on one line, every number rounded for reading."""
         f = _rounded
 
-        total = self.config["num_rounds"]
+        total = self.config.num_rounds
         head = f"round {row['round']}/{total}" if row["round"] < total else f"final ({total} rounds)"
         parts = [
             head,
@@ -184,15 +230,15 @@ class RunSummary:
 
     def to_dict(self) -> dict:
         meta = {
-            k: self.config[k]
+            k: getattr(self.config, k)
             for k in ("model_name", "task_name", "seed", "intrinsic_dim", "n_prompt_tokens", "cat_or_add", "sigma")
         }
-        meta["prompt_placement"] = prompt_placement(self.config)
+        meta["prompt_placement"] = self.config.placement
         out = {
             "status": self.status,
             "metric": self.metric,
             "split_metrics": {s: self.split_metric(s) for s in ("train", "dev", "test")},
-            "config": self.config,
+            "config": self.config.model_dump(),
             "rounds": self.rounds,
             "best": dict(self.best),
             "final": self.final,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fedbpt.errors import ConfigError
+from fedbpt.errors import ConfigError, opt
 
 
 @dataclass(frozen=True)
@@ -199,4 +199,6 @@ def get_task(name: str) -> TaskSpec:
     try:
         return TASKS[name]
     except KeyError:
-        raise ConfigError(f"unknown task '{name}': use --task_name with one of {', '.join(sorted(TASKS))}") from None
+        raise ConfigError(
+            f"unknown task '{name}': use {opt('task_name')} with one of {', '.join(sorted(TASKS))}"
+        ) from None

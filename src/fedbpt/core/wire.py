@@ -16,7 +16,9 @@ from fedbpt.core.aggregation import ClientUpdate
 from fedbpt.core.search import GlobalState
 from fedbpt.errors import PayloadError
 
-COV_MODES = ("full", "diag", "none")
+COV_MODES = ("none", "diag", "full")  # --cov_mode: what encode_state sends of the covariance
+TEST_EVALS = ("rounds", "end")  # --test_eval: test scored with dev every eval round, or only in the final evaluation
+SITE_METRICS = ("pooled", "full")  # --site_metrics: what decode_eval accepts of a site's own train/dev data
 
 # The tasks the server sends, in order: setup once (sites load data and model before --round_timeout starts
 # counting), a round per federated round, eval once at the end.

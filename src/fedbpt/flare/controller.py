@@ -23,6 +23,7 @@ from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic
 from nvflare.fuel.utils import fobs
 
 from fedbpt.core.checkpoint import after_round, open_run
+from fedbpt.core.config import RunConfig
 from fedbpt.core.federation import Federation
 from fedbpt.core.summary import CONSOLE_LOGGER, verdict
 from fedbpt.core.wire import ERROR_HEADER, TASK_EVAL, TASK_ROUND, TASK_SETUP
@@ -66,7 +67,8 @@ class Arrivals:
 class FedBPTController(Controller):
     def __init__(self, config: dict, task_check_period: float = 0.05) -> None:
         super().__init__(task_check_period=task_check_period)
-        self.config = config
+        self.config = config  # the job's dict (RunConfig.to_job): NVFlare writes the job from these arguments
+        self.cfg: RunConfig | None = None
         self.fed: Federation | None = None
         self.out_dir = ""
         self.app_config_dir = ""
@@ -105,7 +107,7 @@ class FedBPTController(Controller):
         """
         shareable = DXO(data_kind=DataKind.COLLECTION, data=msg).to_shareable()
         bytes_down = len(fobs.dumps(shareable))
-        timeout = int(self.config["round_timeout"]) if timeout < 0 else timeout
+        timeout = self.cfg.round_timeout if timeout < 0 else timeout
         arrivals = Arrivals(label or name, len(targets))
         task = Task(name=name, data=shareable, timeout=timeout, result_received_cb=arrivals)
         self.broadcast_and_wait(
@@ -173,9 +175,10 @@ class FedBPTController(Controller):
 
     def _control_flow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
         sites = [c.name for c in fl_ctx.get_engine().get_clients()]
-        self.fed = fed = Federation(self.config, sites)
+        self.cfg = cfg = RunConfig.from_job(self.config)
+        self.fed = fed = Federation(cfg, sites)
         try:
-            first = open_run(fed, self.config, self.app_config_dir)
+            first = open_run(fed, self.app_config_dir)
         except CheckpointError as exc:
             self._stop(fl_ctx, str(exc))
             return
@@ -184,17 +187,17 @@ class FedBPTController(Controller):
             TASK_SETUP, {"setup": 1}, fed.sites, fl_ctx, abort_signal, timeout=0, label="setup"
         )
         failed = set(fed.sites) - set(ready)
-        if len(ready) < self.config["min_clients"]:
+        if len(ready) < cfg.min_clients:
             self._stop(
                 fl_ctx,
-                f"{len(ready)} of {len(fed.sites)} sites set up, fewer than --min_clients {self.config['min_clients']}"
+                f"{len(ready)} of {len(fed.sites)} sites set up, fewer than --min_clients {cfg.min_clients}"
                 f" (failed: {self._failed(failed)}; see their logs)",
             )
             return
         if failed:
             self.log_warning(fl_ctx, f"left out of every round, setup failed: {self._failed(failed)}")
             fed.drop_sites(failed)
-        for rnd in range(first, self.config["num_rounds"]):
+        for rnd in range(first, cfg.num_rounds):
             if abort_signal.triggered:
                 self._stop(fl_ctx, f"aborted before round {rnd}", panic=False)
                 return
@@ -218,7 +221,7 @@ class FedBPTController(Controller):
         )
         row = fed.finish(results)
         console.info(fed.summary.progress_line(row))
-        self._log_scalars(fl_ctx, self.config["num_rounds"], row)
+        self._log_scalars(fl_ctx, cfg.num_rounds, row)
         path = fed.summary.write(self.out_dir)
         self.log_info(fl_ctx, f"summary written to {path}")
         console.info(fed.summary.best_line())

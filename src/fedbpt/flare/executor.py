@@ -13,6 +13,7 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 
 from fedbpt.core.client import SiteRuntime
+from fedbpt.core.config import RunConfig
 from fedbpt.core.wire import ERROR_HEADER, TASK_EVAL, TASK_ROUND, TASK_SETUP
 from fedbpt.errors import ConfigError
 
@@ -20,7 +21,7 @@ from fedbpt.errors import ConfigError
 class FedBPTExecutor(Executor):
     def __init__(self, config: dict) -> None:
         super().__init__()
-        self.config = config
+        self.config = config  # the job's dict (RunConfig.to_job): NVFlare writes the job from these arguments
 
     def run_round(self, site: str, runtime: SiteRuntime, msg: dict, should_stop: Callable[[], bool]) -> dict:
         """One federated round on this site: the upload. (The research fault injector overrides this.)"""
@@ -32,7 +33,9 @@ class FedBPTExecutor(Executor):
             msg = from_shareable(shareable).data
             # the site's workspace root: local, one per site, kept through the simulator's respawns (core.sitecache)
             cache_root = fl_ctx.get_engine().get_workspace().get_root_dir()
-            runtime = SiteRuntime.get(self.config, site, cache_root, setup_cache=True, hub_offline=True)
+            runtime = SiteRuntime.get(
+                RunConfig.from_job(self.config), site, cache_root, setup_cache=True, hub_offline=True
+            )
             if abort_signal.triggered:
                 return make_reply(ReturnCode.TASK_ABORTED)
             if task_name == TASK_ROUND:

@@ -2,8 +2,8 @@
 
 A plan is ``"site-2:1:raise,site-3:2:hang"`` (``site:round:mode``, comma-separated). It is never part of a
 production job: ``FedBPTRecipe(fault_plan=...)`` (or ``FEDBPT_FAULT=...`` in the environment of ``job.py``)
-swaps in :class:`FaultInjectingExecutor`, which carries the plan in its arguments, so the exported job holds this
-module only when a plan was given.
+swaps in flare.drill's executor, which carries the plan in its arguments, so the exported job holds this module
+only when a plan was given.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from collections.abc import Callable
 import numpy as np
 
 from fedbpt.errors import ConfigError, InjectedFault
-from fedbpt.flare.executor import FedBPTExecutor
 
 log = logging.getLogger(__name__)
 
@@ -69,22 +68,3 @@ def run_with_faults(
     else:  # huge
         out["mean"] = np.tile(out["mean"], 10)
     return out
-
-
-class FaultInjectingExecutor(FedBPTExecutor):
-    """FedBPT's executor, with the rounds that ``plan`` names broken in the way it says."""
-
-    def __init__(self, config: dict, plan: str) -> None:
-        super().__init__(config)
-        self.plan = plan
-        self._faults = parse(plan)
-
-    def run_round(self, site: str, runtime, msg: dict, should_stop: Callable[[], bool]) -> dict:
-        rnd = int(msg["state"]["round"])
-        return run_with_faults(
-            self._faults.get((site, rnd)),
-            site,
-            rnd,
-            lambda: super(FaultInjectingExecutor, self).run_round(site, runtime, msg, should_stop),
-            should_stop,
-        )

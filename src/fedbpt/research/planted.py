@@ -39,13 +39,16 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedbpt.core.config import scorer_options
 from fedbpt.core.models import TINY_NAME
 from fedbpt.core.tasks import PLANTED, get_task
-from fedbpt.errors import ConfigError
+from fedbpt.errors import ConfigError, opt
+
+if TYPE_CHECKING:
+    from fedbpt.core.config import RunConfig
 
 BUNDLE_VERSION = 2  # 2: tiny tokenizer with bare and spaced label words, label_encoding in the key
 WINDOW_TOKENS = 16
@@ -96,8 +99,9 @@ def _source_texts(data_dir: str | None, seed: int, count: int) -> tuple[str, ...
     path = os.path.join(data_dir, "train.jsonl")
     if not os.path.isfile(path):
         raise ConfigError(
-            f"--task_name planted reads sentences from {path}, which does not exist: point --data_dir at a folder "
-            f"with train.jsonl (e.g. ../shared/data/sst2), or omit --data_dir for generated text"
+            f"{opt('task_name')} planted reads sentences from {path}, which does not exist: point {opt('data_dir')} "
+            "at a folder "
+            f"with train.jsonl (e.g. ../shared/data/sst2), or omit {opt('data_dir')} for generated text"
         )
     texts = []
     with open(path) as f:
@@ -138,7 +142,7 @@ def make_windows(tokenizer, template: str, texts: list[str], count: int, seed: i
             return out
     raise ConfigError(
         f"the source text gave only {len(out)} distinct {WINDOW_TOKENS}-token windows, {count} are needed: "
-        f"use a larger --data_dir corpus"
+        f"use a larger {opt('data_dir')} corpus"
     )
 
 
@@ -170,10 +174,10 @@ def _readout_into_head(model, label_ids: list[int], scale: float, bias: np.ndarr
 
 
 # ---- the bundle ------------------------------------------------------------------------------------------------
-def bundle_key(cfg: dict, texts: list[str]) -> str:
+def bundle_key(cfg: RunConfig, texts: list[str]) -> str:
     h = hashlib.sha256()
-    fields = [BUNDLE_VERSION, cfg["seed"], cfg["n_prompt_tokens"], cfg["intrinsic_dim"], cfg["sigma"]]
-    opts = scorer_options(cfg, "masked")
+    fields = [BUNDLE_VERSION, cfg.seed, cfg.n_prompt_tokens, cfg.intrinsic_dim, cfg.sigma]
+    opts = cfg.scorer_options("masked")
     fields += [opts["cat_or_add"], opts["label_encoding"], PROMPT_SCALE, WINDOW_TOKENS, POOL_WINDOWS, TEST_WINDOWS]
     h.update(json.dumps(fields).encode())
     for t in texts:
@@ -181,31 +185,31 @@ def bundle_key(cfg: dict, texts: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _scorer(cfg: dict, model_dir: str):
+def _scorer(cfg: RunConfig, model_dir: str):
     from fedbpt.core.scorer import Scorer
 
-    opts = scorer_options(cfg, "masked")
+    opts = cfg.scorer_options("masked")
     return Scorer(
         model_dir,
         get_task(PLANTED),
-        cfg["n_prompt_tokens"],
-        cfg["intrinsic_dim"],
+        cfg.n_prompt_tokens,
+        cfg.intrinsic_dim,
         opts["cat_or_add"],
-        cfg["seed"],
-        cfg["sigma"],
+        cfg.seed,
+        cfg.sigma,
         "cpu",
         "fp32",
-        cfg["max_batch_tokens"],
+        cfg.max_batch_tokens,
         label_encoding=opts["label_encoding"],
     )
 
 
-def ensure_bundle(cfg: dict, cache_root: str) -> Bundle:
+def ensure_bundle(cfg: RunConfig, cache_root: str) -> Bundle:
     """Build the planted task for this config once (deterministic, atomic); later calls read it back."""
-    if cfg["model_name"] != TINY_NAME:
-        raise ConfigError("--task_name planted builds its own model: use --model_name tiny-random")
-    texts = source_texts(cfg["data_dir"], cfg["seed"])
-    root = os.path.join(cfg.get("model_cache_dir") or cache_root, f"planted-{bundle_key(cfg, texts)}")
+    if cfg.model_name != TINY_NAME:
+        raise ConfigError(f"{opt('task_name')} planted builds its own model: use {opt('model_name')} tiny-random")
+    texts = source_texts(cfg.data_dir, cfg.seed)
+    root = os.path.join(cfg.model_cache_dir or cache_root, f"planted-{bundle_key(cfg, texts)}")
     if not os.path.isfile(os.path.join(root, "meta.json")):
         parent = os.path.dirname(os.path.abspath(root))
         os.makedirs(parent, exist_ok=True)
@@ -258,10 +262,10 @@ def _draw_z_star(scorer, check, rng: np.random.Generator, d: int, seed: int) -> 
         agreement = float(((zero_diff + offset > 0) == (diff + offset > 0)).mean())
         if agreement <= MAX_ZERO_AGREEMENT:
             return z_star, planted, offset, draws
-    raise ConfigError(f"no planted prompt in {MAX_DRAWS} draws for seed {seed}: try another --seed")
+    raise ConfigError(f"no planted prompt in {MAX_DRAWS} draws for seed {seed}: try another {opt('seed')}")
 
 
-def _build(cfg: dict, texts: list[str], out: str) -> None:
+def _build(cfg: RunConfig, texts: list[str], out: str) -> None:
     from transformers import AutoModelForMaskedLM
 
     from fedbpt.core.data import Examples
@@ -269,7 +273,7 @@ def _build(cfg: dict, texts: list[str], out: str) -> None:
     from fedbpt.research.tiny import build_tiny_model
 
     task = get_task(PLANTED)
-    seed, d = cfg["seed"], cfg["intrinsic_dim"]
+    seed, d = cfg.seed, cfg.intrinsic_dim
     base = build_tiny_model(os.path.join(out, "base"), texts, task.label_words, seed)
     scaled = os.path.join(out, "scaled")
     _prepare_model(base, scaled, PROMPT_SCALE)
@@ -306,7 +310,7 @@ def _build(cfg: dict, texts: list[str], out: str) -> None:
     meta: dict = {
         "version": BUNDLE_VERSION,
         "seed": seed,
-        "source": cfg["data_dir"] or "generated",
+        "source": cfg.data_dir or "generated",
         "window_tokens": WINDOW_TOKENS,
         "prompt_scale": PROMPT_SCALE,
         "draws": draws,

@@ -19,9 +19,6 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from fedbpt.core.models import TINY_NAME
-from fedbpt.errors import ConfigError
-
 TINY_DEFAULTS = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 TINY_VERSION = 2  # 2: label words boosted without a leading space too (a cached version-1 model lacks them)
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -103,43 +100,3 @@ def build_tiny_model(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
-
-
-def materialize(cfg: dict) -> dict:
-    """``cfg`` with its research inputs built and named by path, so no site needs this package's research code.
-
-    ``--model_name tiny-random`` becomes the folder of the tiny model built from the task's training texts;
-    ``--task_name planted`` (which needs tiny-random) also points ``data_dir`` at the synthetic task's data. Both
-    are deterministic and built once in ``model_cache_dir`` (default: the user's fedbpt model cache). Anything
-    else is returned unchanged.
-    """
-    from fedbpt.core.models import model_cache_dir
-    from fedbpt.core.tasks import PLANTED
-
-    cache = cfg["model_cache_dir"] or model_cache_dir()
-    if cfg["task_name"] == PLANTED:
-        from fedbpt.research.planted import ensure_bundle
-
-        if cfg["model_name"] != TINY_NAME and not _is_bundle(cfg):
-            raise ConfigError("--task_name planted builds its own model: use --model_name tiny-random")
-        if cfg["model_name"] == TINY_NAME:
-            bundle = ensure_bundle(cfg, cache)
-            return dict(cfg, model_name=bundle.model_dir, data_dir=bundle.data_dir)
-        return cfg
-    if cfg["model_name"] != TINY_NAME:
-        return cfg
-    from fedbpt.core.data import load_split
-    from fedbpt.core.tasks import get_task
-
-    task = get_task(cfg["task_name"])
-    texts = [" ".join(t) for t in load_split(task, "train", cfg["data_dir"]).texts]
-    key = tiny_model_key(texts, task.label_words, cfg["seed"], 2000)
-    path = build_tiny_model(os.path.join(cache, f"{TINY_NAME}-{task.name}-{key}"), texts, task.label_words, cfg["seed"])
-    return dict(cfg, model_name=path)
-
-
-def _is_bundle(cfg: dict) -> bool:
-    """A planted config already materialized: model and data are the two halves of one built bundle."""
-    model, data = cfg["model_name"], cfg["data_dir"] or ""
-    root = os.path.dirname(os.path.abspath(model))
-    return os.path.isfile(os.path.join(root, "meta.json")) and os.path.dirname(os.path.abspath(data)) == root

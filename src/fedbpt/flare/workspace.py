@@ -21,19 +21,29 @@ import glob
 import os
 import shutil
 
-from fedbpt.cli.console import LOG_FILE
-from fedbpt.cli.curves import CURVES_FILE
 from fedbpt.core.checkpoint import CHECKPOINT_FILE
 from fedbpt.core.summary import SUMMARY_FILE
-from fedbpt.errors import ConfigError
+from fedbpt.errors import ConfigError, opt
+from fedbpt.flare.console import LOG_FILE
 
 MARKER = ".fedbpt-workspace"
 SIM_DIR = "nvflare"
 PREVIOUS_DIR = "previous"
 RESULT_FILES = (SUMMARY_FILE, "prompt_best.npy", "prompt_final.npy", CHECKPOINT_FILE)  # copied from the server
+CURVES_FILE = "fedbpt_curves.png"  # drawn by the command line (cli.curves) from the summary
 LAUNCHER_FILES = (LOG_FILE, CURVES_FILE)  # written in W by the launcher and the run's processes
 RUN_FILES = RESULT_FILES + LAUNCHER_FILES  # what a new run moves to W/previous/
 OWN_ENTRIES = {MARKER, SIM_DIR, "models", PREVIOUS_DIR, *RUN_FILES}
+
+
+def protected_folders() -> dict[str, str]:
+    """Folders a workspace may not be, nor contain: the simulator wipes its workspace."""
+    here = os.getcwd()
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    folders = {"the current directory": here, "the home directory": os.path.expanduser("~")}
+    if os.path.isfile(os.path.join(checkout, "pyproject.toml")):  # an editable install: the source checkout
+        folders["the project checkout"] = checkout
+    return folders
 
 
 def simulator_dir(workspace: str) -> str:
@@ -54,22 +64,25 @@ def check(workspace: str, protected: dict[str, str]) -> None:
     marker of a previous workspace.
     """
     if not workspace or not workspace.strip():
-        raise ConfigError("--workspace is empty: pass a folder for the run, e.g. --workspace /tmp/nvflare/fedbpt")
+        raise ConfigError(
+            f"{opt('workspace')} is empty: pass a folder for the run, e.g. {opt('workspace')} /tmp/nvflare/fedbpt"
+        )
     path = os.path.abspath(os.path.expanduser(workspace))
     if os.path.realpath(path) == os.sep:
-        raise ConfigError("--workspace / would be wiped by the simulator: pass a folder of its own")
+        raise ConfigError(f"{opt('workspace')} / would be wiped by the simulator: pass a folder of its own")
     for name, folder in protected.items():
         if folder and _inside(folder, path):
             raise ConfigError(
-                f"--workspace {path} holds {name} ({folder}), which the simulator would wipe: pass a folder of its own"
+                f"{opt('workspace')} {path} holds {name} ({folder}), which the simulator would wipe: pass a folder "
+                "of its own"
             )
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"--workspace {path} is a file: pass a folder (it is created if missing)")
+        raise ConfigError(f"{opt('workspace')} {path} is a file: pass a folder (it is created if missing)")
     if os.path.isdir(path):
         entries = set(os.listdir(path))
         if entries and MARKER not in entries:
             raise ConfigError(
-                f"--workspace {path} holds files this tool did not create: pass a new or empty folder "
+                f"{opt('workspace')} {path} holds files this tool did not create: pass a new or empty folder "
                 f"(or one a previous run of job.py made)"
             )
     else:
@@ -77,7 +90,7 @@ def check(workspace: str, protected: dict[str, str]) -> None:
         while parent and not os.path.exists(parent):
             parent = os.path.dirname(parent)
         if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-            raise ConfigError(f"--workspace {path} cannot be created ({parent} is not a writable folder)")
+            raise ConfigError(f"{opt('workspace')} {path} cannot be created ({parent} is not a writable folder)")
 
 
 def prepare(workspace: str, resume: str | None) -> tuple[str | None, list[str]]:
