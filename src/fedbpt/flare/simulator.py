@@ -156,9 +156,8 @@ class FedBPTSimEnv(SimEnv):
     def deploy(self, job) -> str:
         log = os.path.join(self.workspace, LOG_FILE)
         where = f"here and in {log}" if self.launch.verbose else f"{log} (--verbose: here too)"
-        print(
-            f"running {self.num_clients} sites x {self.rounds} rounds in the NVFlare simulator; NVFlare's messages: {where}"
-        )
+        sites = f"{self.num_clients} sites x {self.rounds} rounds"
+        print(f"running {sites} in the NVFlare simulator; NVFlare's messages: {where}")
         sys.stdout.flush()  # before the simulator's processes write to the same console
         self.exit_code, self.record = self._guarded(job)
         return job.name
