@@ -138,7 +138,7 @@ class SiteRuntime:
     ) -> None:
         t0 = time.perf_counter()
         if cfg.model_name == TINY_NAME:  # a research model: built before the run, named by its folder
-            raise ConfigError("model tiny-random is not built: pass the config through core.preflight.prepare_config")
+            raise ConfigError("model tiny-random is not built: pass the config through flare.preflight.prepare_config")
         self.cfg, self.site = cfg, site
         self.task = get_task(cfg.task_name)
         self.local = site_settings(cfg, site, os.path.join(cache_root, "local"))  # the site's own data settings

@@ -6,7 +6,7 @@ from defaults <- a YAML/JSON preset <- options (keywords, or job.py's flags), an
 wrong types, non-finite numbers, out-of-range values and keys given twice are refused with one ConfigError that
 names the option. Choices are owned by the modules that implement them (``aggregation.SIGMA_RULES``,
 ``search.EQ7_FORMS``, ...). The checks here are pure: what depends on this machine (paths, devices, GPUs) is checked
-by core.preflight before a run.
+by flare.preflight before a run.
 
 Flag names and defaults follow the NVFlare FedBPT example so its commands keep working; ``--iid`` and ``--perturb``
 keep the example's 0/1 form on the command line and are booleans here.

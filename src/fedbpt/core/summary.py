@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 SUMMARY_FILE = "fedbpt_summary.json"
 # The logger of the lines a person follows a run by (progress, sites done, best round): job.py's console shows this
-# logger's INFO records and everyone's warnings and errors, nothing else (fedbpt.cli.console)
+# logger's INFO records and everyone's warnings and errors, nothing else (fedbpt.flare.console)
 CONSOLE_LOGGER = "fedbpt.console"
 
 
