@@ -41,7 +41,6 @@ MAX_SIGMA = 1e3
 JOB_NAME = re.compile(r"[A-Za-z0-9._-]+")
 _GPU_GROUP = r"(?:\d+|\[\d+(?:,\d+)*\])"
 GPU_GROUPS = re.compile(rf"{_GPU_GROUP}(?:,{_GPU_GROUP})*")
-GROUPS = ("federation", "data", "model", "local search", "server", "evaluation", "runtime", "launcher")
 
 
 def _choice(*names: str) -> Any:
