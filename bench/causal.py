@@ -43,7 +43,7 @@ def timed(fn, *args):
 
 def shard(task, n: int, seed: int):
     """``n`` training examples of ``task`` from ../shared/data, drawn with ``seed``."""
-    from fedbpt.core.data import load_split
+    from fedbpt.core.data.splits import load_split
 
     pool = load_split(task, "train", os.path.join(DATA, task.name))
     idx = np.random.default_rng(seed).choice(len(pool), size=min(n, len(pool)), replace=False)
@@ -52,8 +52,8 @@ def shard(task, n: int, seed: int):
 
 def generation(args, path: str, task, n: int, data, z: np.ndarray) -> list[dict]:
     """Rows for one (task, n): each placement variant, without and with Eq. 7's perturbed copy."""
-    from fedbpt.core.causal import CausalScorer
-    from fedbpt.core.search import concat, perturb
+    from fedbpt.core.algorithm.search import concat, perturb
+    from fedbpt.core.models.causal import CausalScorer
 
     front = CausalScorer(path, task, n, args.intrinsic_dim, "cat", args.seed)
     after = CausalScorer(path, task, n, args.intrinsic_dim, "cat", args.seed, prompt_placement="after_input")
@@ -113,8 +113,8 @@ def generation(args, path: str, task, n: int, data, z: np.ndarray) -> list[dict]
 
 def local_round(args, path: str, task, placement: str, seed: int) -> dict:
     """One client's round at configs/smollm2_sst2.yaml's settings, the way SiteRuntime.run_round does it."""
-    from fedbpt.core.causal import CausalScorer
-    from fedbpt.core.search import GlobalState, LocalObjective, evaluate, local_search, perturb
+    from fedbpt.core.algorithm.search import GlobalState, LocalObjective, evaluate, local_search, perturb
+    from fedbpt.core.models.causal import CausalScorer
 
     sc = CausalScorer(path, task, args.round_n, args.intrinsic_dim, "cat", args.seed, prompt_placement=placement)
     k = args.round_examples
@@ -158,7 +158,9 @@ def local_round(args, path: str, task, placement: str, seed: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m", help="model name (fedbpt.core.models) or a causal LM folder")
+    p.add_argument(
+        "--model", default="smollm2-135m", help="model name (fedbpt.core.models.resolve) or a causal LM folder"
+    )
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--n", type=int, nargs="+", default=[5, 50], help="prompt lengths to measure")
     p.add_argument("--eq7", type=int, nargs="+", default=[0, 1], choices=(0, 1), help="without / with Eq. 7")
@@ -180,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from fedbpt.core.models import resolve_model
-    from fedbpt.core.summary import atomic_write
-    from fedbpt.core.tasks import get_task
+    from fedbpt.core.data.tasks import get_task
+    from fedbpt.core.models.resolve import resolve_model
+    from fedbpt.core.server.summary import atomic_write
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -4,7 +4,7 @@
     python -m bench.collapse --seeds 4711 4712 4713 --rounds 30
     python -m bench.collapse --report_only
 
-Runs the planted task (AG News text) in-process with federation.run_in_process for the faithful FedBPT
+Runs the planted task (AG News text) in-process with inprocess.run_in_process for the faithful FedBPT
 (``--aggregation fedbpt``), the robust option (``fedbpt_robust``) and FedAvg-BBT, and records per round and client
 what the server did with each upload (the summary's ``client_stats``: local fitness, recombination weight, distance
 moved, the share of the move pycma kept after clipping, final local step) beside the client's label mix. The label
@@ -70,8 +70,8 @@ def run_one(args, seed: int, method: str) -> dict:
     import numpy as np
     import torch
 
-    from fedbpt.core.client import RuntimePool
-    from fedbpt.core.inprocess import run_in_process
+    from fedbpt.core.server.inprocess import run_in_process
+    from fedbpt.core.site.runtime import RuntimePool
     from fedbpt.flare.preflight import prepare_config
 
     torch.set_num_threads(1)
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {path} does not exist: run the benchmark first (without --report_only)", file=sys.stderr)
         return 2
     if not args.report_only:
-        from fedbpt.core.summary import atomic_write
+        from fedbpt.core.server.summary import atomic_write
 
         done = {(r["method"], r["seed"]) for r in records}
         for seed in args.seeds:

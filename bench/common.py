@@ -67,7 +67,7 @@ def build_shape_model(shape: str, cache_dir: str, seed: int = 0) -> str:
     import torch
     from transformers import AutoTokenizer, RobertaConfig, RobertaForMaskedLM
 
-    from fedbpt.core.tasks import get_task
+    from fedbpt.core.data.tasks import get_task
     from fedbpt.research.tiny import build_tiny_model
 
     texts, _, source = sst2_split("train")

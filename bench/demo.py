@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report_only", action="store_true")
     p.add_argument("extra", nargs="*", help="more job.py flags, after --")
     args = p.parse_args(argv)
-    from fedbpt.core.summary import atomic_write
+    from fedbpt.core.server.summary import atomic_write
 
     path = os.path.join(args.out, f"{args.name}_runs.json")
     data = {"preset": args.preset, "runs": {}, "machine": {}}
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         import torch
 
-        from fedbpt.core.models import resolve_model
+        from fedbpt.core.models.resolve import resolve_model
 
         resolve_model("smollm2-135m")  # the one-off conversion, outside every timed run
         data["machine"] = data["machine"] or {

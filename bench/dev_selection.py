@@ -31,10 +31,10 @@ NO_PROMPT = 0.6295871559633027  # the template alone on the 872 sentences (every
 def run_seed(seed: int, pool: int, data_dir: str, cache: str) -> dict:
     import numpy as np
 
-    from fedbpt.core.checkpoint import open_run
-    from fedbpt.core.client import RuntimePool
-    from fedbpt.core.data import load_split
-    from fedbpt.core.federation import Federation
+    from fedbpt.core.data.splits import load_split
+    from fedbpt.core.server.checkpoint import open_run
+    from fedbpt.core.server.federation import Federation
+    from fedbpt.core.site.runtime import RuntimePool
     from fedbpt.flare.preflight import prepare_config
 
     t0 = time.time()

@@ -36,8 +36,8 @@ def objective_curves(clean: list, perturbed: list, biases) -> dict:
     """
     import numpy as np
 
-    from fedbpt.core.scorer import example_losses
-    from fedbpt.core.search import eq7_fitness
+    from fedbpt.core.algorithm.search import eq7_fitness
+    from fedbpt.core.models.scorer import example_losses
 
     b = np.asarray(biases, dtype=np.float64)
     shift = np.stack([np.zeros_like(b), b], -1)[:, None, :]  # (B, 1, 2)
@@ -62,8 +62,8 @@ def measure(seed: int, args, test_cache: dict) -> dict:
     import numpy as np
 
     from bench.smollm2 import run_config
-    from fedbpt.core.client import RuntimePool
-    from fedbpt.core.search import perturb
+    from fedbpt.core.algorithm.search import perturb
+    from fedbpt.core.site.runtime import RuntimePool
 
     bench_args = SimpleNamespace(
         data_dir=args.data_dir, clients=args.clients, rounds=1, k_shot=args.k_shot, n_prompt_tokens=5
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write(results: list[dict], meta: dict, args) -> int:
-    from fedbpt.core.summary import atomic_write
+    from fedbpt.core.server.summary import atomic_write
 
     text = table(results, meta)
     os.makedirs(args.out, exist_ok=True)

@@ -6,7 +6,7 @@
     python -m bench.learning --perturb_rates 0.25,0.5,0.75  # FedBPT with the shipped defaults at these rates
     python -m bench.learning --cov_modes none,diag,full --splits "Dir(1.0) hsu"  # faithful and robust per mode
 
-Every run goes through federation.run_in_process with client.RuntimePool (the same Federation and SiteRuntime
+Every run goes through inprocess.run_in_process with site.runtime.RuntimePool (the same Federation and SiteRuntime
 code the NVFlare job runs, without the simulator's process overhead). Writes bench/results/NAME.md (tables),
 bench/results/NAME_runs.json (every round of every run) and figs/NAME_train_acc.png; NAME is learning,
 learning_perturb for a perturbation-rate sweep, or learning_cov for a covariance-mode sweep.
@@ -114,7 +114,7 @@ def site_pool(args, seed: int, split: str):
     """The sites of one (seed, split), set up once per worker: data, encodings and model are shared by its methods."""
     import torch
 
-    from fedbpt.core.client import RuntimePool
+    from fedbpt.core.site.runtime import RuntimePool
     from fedbpt.flare.preflight import prepare_config
 
     if _POOL.get("key") != (seed, split):
@@ -127,7 +127,7 @@ def site_pool(args, seed: int, split: str):
 
 def run_one(job: tuple) -> dict:
     """One method on one (seed, split), in a worker that keeps the sites of its last (seed, split)."""
-    from fedbpt.core.inprocess import run_in_process
+    from fedbpt.core.server.inprocess import run_in_process
 
     args, seed, split, name, options, rounds = job
     pool = site_pool(args, seed, split)
@@ -458,8 +458,8 @@ def communication(d: int = 500) -> str:
     from nvflare.app_common.decomposers import common_decomposers
     from nvflare.fuel.utils import fobs
 
-    from fedbpt.core.baselines import LocalStates
-    from fedbpt.core.search import GlobalState, make_es
+    from fedbpt.core.algorithm.baselines import LocalStates
+    from fedbpt.core.algorithm.search import GlobalState, make_es
     from fedbpt.core.wire import encode_state, encode_update, payload_bytes
 
     common_decomposers.register()  # numpy arrays, as an NVFlare server or client process registers them
@@ -626,7 +626,7 @@ def _job_key(method: str, seed: int, split: str, rounds: int) -> tuple:
 
 
 def save(records: list[dict], metas: dict, args, wall: float) -> None:
-    from fedbpt.core.summary import atomic_write
+    from fedbpt.core.server.summary import atomic_write
 
     os.makedirs(args.out, exist_ok=True)
     data = {"args": vars(args), "wall_seconds": wall, "bundles": metas, "records": records}
@@ -638,7 +638,7 @@ def sweep_name(args) -> str:
 
 
 def report(records: list[dict], metas: dict, args, wall: float) -> int:
-    from fedbpt.core.summary import atomic_write
+    from fedbpt.core.server.summary import atomic_write
 
     args.perturb_rates = getattr(args, "perturb_rates", None)  # results saved before the sweeps existed
     args.cov_modes = getattr(args, "cov_modes", None)

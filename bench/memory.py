@@ -38,9 +38,9 @@ def measure(model: str, precision: str, pass_tokens: int, n_prompt: int, d: int,
 
     torch.set_num_threads(2)
     out["imports"] = rss_bytes("VmHWM")
-    from fedbpt.core.data import Examples
-    from fedbpt.core.scorer import Scorer
-    from fedbpt.core.tasks import get_task
+    from fedbpt.core.data.splits import Examples
+    from fedbpt.core.data.tasks import get_task
+    from fedbpt.core.models.scorer import Scorer
 
     sc = Scorer(model, get_task("sst2"), n_prompt, d, "add", seed=1, precision=precision, max_batch_tokens=pass_tokens)
     out["scorer"] = rss_bytes("VmHWM")

@@ -17,8 +17,8 @@ import os
 
 import numpy as np
 
-from fedbpt.core.data import least_norm_sizes, partition
-from fedbpt.core.summary import atomic_write
+from fedbpt.core.data.splits import least_norm_sizes, partition
+from fedbpt.core.server.summary import atomic_write
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATASETS = {"SST-2-like (2 x 40)": 2, "AG-News-like (4 x 40)": 4}

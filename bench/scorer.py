@@ -79,8 +79,8 @@ class ReferenceStyle:
         return out
 
     def fitness(self, z: np.ndarray, clean, perturbed, loss_type: str = "ce") -> float:
-        from fedbpt.core.scorer import loss_and_metrics
-        from fedbpt.core.search import eq7_fitness
+        from fedbpt.core.algorithm.search import eq7_fitness
+        from fedbpt.core.models.scorer import loss_and_metrics
 
         lc, _ = loss_and_metrics(self.logits(z, clean)[None], clean.labels, loss_type)
         lp, _ = loss_and_metrics(self.logits(z, perturbed)[None], perturbed.labels, loss_type)
@@ -95,7 +95,7 @@ def timed(fn, *args):
 
 def pycma_seconds(dim: int, popsize: int, iters: int, seed: int) -> float:
     """pycma's own time in one local search (ask/tell at d, full covariance), the objective being free."""
-    from fedbpt.core.search import GlobalState, local_search
+    from fedbpt.core.algorithm.search import GlobalState, local_search
 
     def objective(x):
         return (np.asarray(x) ** 2).sum(-1)
@@ -144,10 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers  # noqa: F401  (imported before the baseline: the runtime, not the model)
 
-    from fedbpt.core.data import Examples
-    from fedbpt.core.scorer import Scorer, plan_batches
-    from fedbpt.core.search import GlobalState, LocalObjective, concat, evaluate, local_search, perturb
-    from fedbpt.core.tasks import get_task
+    from fedbpt.core.algorithm.search import GlobalState, LocalObjective, concat, evaluate, local_search, perturb
+    from fedbpt.core.data.splits import Examples
+    from fedbpt.core.data.tasks import get_task
+    from fedbpt.core.models.scorer import Scorer, plan_batches
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _first(enc, n: int):
-    from fedbpt.core.scorer import Encoded
+    from fedbpt.core.models.scorer import Encoded
 
     return Encoded(enc.ids[:n], enc.text_mask[:n], enc.mask_pos[:n], enc.labels[:n])
 

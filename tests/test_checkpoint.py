@@ -10,9 +10,9 @@ import helpers
 import numpy as np
 import pytest
 
-from fedbpt.core import checkpoint, federation
-from fedbpt.core.checkpoint import CHECKPOINT_FILE
-from fedbpt.core.federation import Federation
+from fedbpt.core.server import checkpoint, federation
+from fedbpt.core.server.checkpoint import CHECKPOINT_FILE
+from fedbpt.core.server.federation import Federation
 from fedbpt.errors import CheckpointError
 
 D, ITERS = 12, 4
@@ -90,7 +90,7 @@ def assert_states_equal(a: dict, b: dict) -> None:
 
 def assert_same_state(a: dict, b: dict) -> None:
     """Two state dicts (fedbpt.core.state) hold the same: arrays equal in value and dtype, the rest as JSON."""
-    from fedbpt.core.summary import _json_default
+    from fedbpt.core.server.summary import _json_default
 
     assert sorted(a) == sorted(b)
     for k in a:
@@ -400,7 +400,7 @@ def test_unusual_but_genuine_states_are_accepted(tmp_path):
 def test_pycma_is_blamed_only_when_the_versions_differ(tmp_path, monkeypatch, written_with, blamed):
     import cma
 
-    from fedbpt.core import aggregation
+    from fedbpt.core.algorithm import aggregation
 
     cfg = make_cfg()
     path = checkpoint.save(run_fake(cfg, range(2)), 2, str(tmp_path))
@@ -496,8 +496,8 @@ def test_resume_with_real_clients_matches_uninterrupted_run(tmp_path):
     from deploy_util import small_sst2
     from helpers import resolve
 
-    from fedbpt.core.client import RuntimePool
-    from fedbpt.core.inprocess import run_in_process
+    from fedbpt.core.server.inprocess import run_in_process
+    from fedbpt.core.site.runtime import RuntimePool
     from fedbpt.flare.preflight import prepare_config
 
     data = small_sst2(str(tmp_path / "data"))
@@ -584,7 +584,7 @@ def test_a_federation_refuses_a_damaged_state_and_changes_nothing(damage, field)
 
 
 def test_a_record_loaded_from_another_s_state_dict_goes_on_identically():
-    from fedbpt.core.summary import RunSummary
+    from fedbpt.core.server.summary import RunSummary
 
     cfg = make_cfg()
     summary = run_fake(cfg, range(3)).summary

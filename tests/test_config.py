@@ -9,8 +9,11 @@ import typing
 import pytest
 
 from fedbpt.cli.options import build_parser, message
-from fedbpt.core import aggregation, baselines, data, scorer, search, wire
+from fedbpt.core import wire
+from fedbpt.core.algorithm import aggregation, baselines, search
 from fedbpt.core.config import Launch, RunConfig, flag_of, kind_of
+from fedbpt.core.data import splits
+from fedbpt.core.models import scorer
 from fedbpt.errors import ConfigError, opt
 
 
@@ -32,7 +35,7 @@ def test_choices_are_the_implementing_modules_own_lists():
     assert choices["loss_type"] == scorer.LOSS_TYPES and choices["precision"] == scorer.PRECISIONS
     assert choices["cat_or_add"] == ("auto", *scorer.PROMPT_MODES)
     assert choices["prompt_placement"] == ("auto", *scorer.PLACEMENTS)
-    assert choices["partition"] == data.PARTITIONS and choices["cov_mode"] == wire.COV_MODES
+    assert choices["partition"] == splits.PARTITIONS and choices["cov_mode"] == wire.COV_MODES
     for form in search.EQ7_FORMS:  # each listed choice is implemented
         search.eq7_fitness([[1.0]], [[2.0]], form)
     for rule in aggregation.SIGMA_RULES:

@@ -15,7 +15,7 @@ from fedbpt.cli import curves
 from fedbpt.cli.main import _draw_curves, _result_lines
 from fedbpt.cli.options import message, resolve
 from fedbpt.core.config import RunConfig, load_preset
-from fedbpt.core.summary import RunSummary
+from fedbpt.core.server.summary import RunSummary
 from fedbpt.errors import ConfigError
 from fedbpt.flare import workspace
 from fedbpt.flare.console import LOG_FILE, write_log_config
@@ -102,7 +102,7 @@ APPLY_AND_LOG = textwrap.dedent(
     logging.getLogger("nvflare.fuel.f3.cellnet.core_cell.CoreCell").info("server: creating listener")
     logging.getLogger("fedbpt.flare.controller.FedBPTController").info("summary written to /x")
     logging.getLogger("nvflare.private.fed.simulator.SimulatorRunner").warning("Subprocess died for client site-2")
-    logging.getLogger("fedbpt.core.federation").error("round 1: no usable update from site-2")
+    logging.getLogger("fedbpt.core.server.federation").error("round 1: no usable update from site-2")
     """
 )
 RECORDS = [

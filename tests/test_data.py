@@ -4,8 +4,16 @@ import numpy as np
 import pytest
 from conftest import write_jsonl
 
-from fedbpt.core.data import class_takes, k_shot_indices, least_norm_sizes, load_split, partition, site_data, site_index
-from fedbpt.core.tasks import get_task
+from fedbpt.core.data.splits import (
+    class_takes,
+    k_shot_indices,
+    least_norm_sizes,
+    load_split,
+    partition,
+    site_data,
+    site_index,
+)
+from fedbpt.core.data.tasks import get_task
 from fedbpt.errors import ConfigError
 
 LABELS = np.repeat(np.arange(3), [50, 40, 30])

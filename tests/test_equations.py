@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fedbpt.core.aggregation import (
+from fedbpt.core.algorithm.aggregation import (
     mahalanobis_clip_threshold,
     paper_sigma,
     reference_sigma,
@@ -11,8 +11,8 @@ from fedbpt.core.aggregation import (
     sigma_before_tell,
     sigma_sent,
 )
-from fedbpt.core.scorer import loss_and_metrics, metric_from_confusion
-from fedbpt.core.search import eq7_fitness
+from fedbpt.core.algorithm.search import eq7_fitness
+from fedbpt.core.models.scorer import loss_and_metrics, metric_from_confusion
 
 # Four clients, lambda = 5, I = 2 local iterations.
 SIGMAS = [np.array([1.0, 0.5]), np.array([0.8, 0.6]), np.array([2.0, 2.0]), np.array([1.0, 1.0])]

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest import valid_upload
 
-from fedbpt.core.federation import Federation
-from fedbpt.core.scorer import Encoded
-from fedbpt.core.search import evaluate
+from fedbpt.core.algorithm.search import evaluate
+from fedbpt.core.models.scorer import Encoded
+from fedbpt.core.server.federation import Federation
 from fedbpt.core.wire import decode_eval
 from fedbpt.errors import PayloadError, TooFewClients
 
@@ -159,7 +159,7 @@ def test_round_with_a_hostile_report_completes_with_the_honest_sites(kind, caplo
     without.start_round(0)
     mean0 = fed._state.mean
     ok = {"site-1": upload("site-1", mean0, report(CONF1, 0.2)), "site-2": upload("site-2", mean0, report(CONF2, 0.6))}
-    with caplog.at_level(logging.WARNING, logger="fedbpt.core.federation"):
+    with caplog.at_level(logging.WARNING, logger="fedbpt.core.server.federation"):
         row = fed.finish_round(0, targets, {**ok, "site-3": upload("site-3", mean0, bad_report(kind))})
     ref = without.finish_round(0, targets, dict(ok))
 
@@ -214,7 +214,7 @@ def test_final_evaluation_drops_a_bad_report(caplog):
         "site-2": {**report(CONF2, 0.6), **report(CONF2, 0.3, split="dev")},
         "site-3": {**bad_report("wrong_shape"), **report(CONF1, 0.1, split="dev")},
     }
-    with caplog.at_level(logging.ERROR, logger="fedbpt.core.federation"):
+    with caplog.at_level(logging.ERROR, logger="fedbpt.core.server.federation"):
         row = fed.finish(results)
     dropped = [r for r in caplog.records if "dropped the report of site-3" in r.getMessage()]
     assert len(dropped) == 1 and "'train_confusion'" in dropped[0].getMessage()
@@ -225,7 +225,7 @@ def test_final_evaluation_drops_a_bad_report(caplog):
 
 def test_best_prompt_is_the_highest_dev_accuracy_then_the_lowest_dev_loss():
     """Small dev sets tie often: a tie goes to the lower dev loss, a full tie to the earlier round."""
-    from fedbpt.core.summary import RunSummary
+    from fedbpt.core.server.summary import RunSummary
 
     s = RunSummary({}, "acc")
     good, tie_worse, tie_better, worse = CONF1, CONF1, CONF1, CONF2  # dev acc 7/8, 7/8, 7/8, 5/8

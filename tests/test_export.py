@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from fedbpt.cli import main as job
-from fedbpt.core import checkpoint
 from fedbpt.core.config import RunConfig
-from fedbpt.core.federation import Federation
+from fedbpt.core.server import checkpoint
+from fedbpt.core.server.federation import Federation
 from fedbpt.errors import ConfigError
 
 # a hub id: exporting resolves nothing, so the job names no path of this machine
@@ -75,7 +75,7 @@ def test_export_names_our_components_with_the_run_settings(tmp_path):
     assert ex["executor"]["path"] == "fedbpt.flare.executor.FedBPTExecutor"
     assert set(ex["tasks"]) == {"fedbpt_setup", "fedbpt_round", "fedbpt_eval"}
     assert ex["executor"]["args"]["config"] == wf["args"]["config"]
-    # nothing that points into the exporting machine (the data folder is the sites' business: see site.py)
+    # nothing that points into the exporting machine (the data folder is the sites' business: see core/site/settings.py)
     assert not [s for s in strings([meta, server, client]) if s.startswith(os.sep) or s.startswith("~")]
 
 
@@ -145,7 +145,12 @@ def test_exported_custom_code_is_complete_and_holds_no_research_code(tmp_path):
     custom = os.path.join(job_dir, "app", "custom")
     shipped = shipped_files(job_dir)
     modules = {f[:-3].replace(os.sep, ".") for f in shipped if f.endswith(".py")}
-    assert {"fedbpt.flare.controller", "fedbpt.flare.executor", "fedbpt.core.checkpoint", "fedbpt.core.site"} <= modules
+    assert {
+        "fedbpt.flare.controller",
+        "fedbpt.flare.executor",
+        "fedbpt.core.server.checkpoint",
+        "fedbpt.core.site.settings",
+    } <= modules
     assert not [f for f in shipped if f.startswith(RESEARCH_OR_BENCH)], shipped
     assert all(f.startswith(("fedbpt/core/", "fedbpt/flare/", "fedbpt/errors.py")) for f in shipped), shipped
     needed = set()

@@ -18,7 +18,7 @@ import pytest
 from deploy_util import small_sst2
 from helpers import NO_SST2, REPO, SST2
 
-from fedbpt.core.checkpoint import CHECKPOINT_FILE
+from fedbpt.core.server.checkpoint import CHECKPOINT_FILE
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.isdir(SST2), reason=NO_SST2)]
 
@@ -135,8 +135,8 @@ def test_resumed_run_equals_an_uninterrupted_one(stopped, data, tmp_path):
 
     from helpers import resolve
 
-    from fedbpt.core.client import RuntimePool
-    from fedbpt.core.inprocess import run_in_process
+    from fedbpt.core.server.inprocess import run_in_process
+    from fedbpt.core.site.runtime import RuntimePool
     from fedbpt.flare.preflight import prepare_config
 
     cfg = prepare_config(resolve(base_args(data, str(tmp_path), 2, 3)))

@@ -18,9 +18,9 @@ from helpers import REPO
 
 from fedbpt.cli.options import message, resolve
 from fedbpt.core.config import Launch, RunConfig
-from fedbpt.core.data import load_split
-from fedbpt.core.models import check_model_folder
-from fedbpt.core.tasks import get_task
+from fedbpt.core.data.splits import load_split
+from fedbpt.core.data.tasks import get_task
+from fedbpt.core.models.resolve import check_model_folder
 from fedbpt.errors import ConfigError
 from fedbpt.flare.preflight import check_machine
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from helpers import REPO, resolve
 
-from fedbpt.core.client import RuntimePool
-from fedbpt.core.inprocess import run_in_process
-from fedbpt.core.summary import verdict
+from fedbpt.core.server.inprocess import run_in_process
+from fedbpt.core.server.summary import verdict
+from fedbpt.core.site.runtime import RuntimePool
 from fedbpt.flare.preflight import prepare_config
 
 SMALL = [
@@ -64,7 +64,7 @@ def fobs_bytes_down(fobs, rnd: int, d: int, cov_mode: str) -> int:
     """What the controller counts for a round's message: the FOBS-serialised Shareable of these shapes."""
     from nvflare.apis.dxo import DXO, DataKind
 
-    from fedbpt.core.search import GlobalState
+    from fedbpt.core.algorithm.search import GlobalState
     from fedbpt.core.wire import encode_state
 
     state = GlobalState(rnd, np.zeros(d), 1.0, np.eye(d))

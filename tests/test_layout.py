@@ -1,7 +1,7 @@
 """The package's layering: each layer imports only itself and the layers below it, no module cycles, the core runs
 without NVFlare, and ``import fedbpt`` is cheap.
 
-Layers, bottom up: ``errors``; ``core`` (the algorithm, data, models: NVFlare-free, shipped in every job);
+Layers, bottom up: ``errors``; ``core`` (NVFlare-free, shipped in every job; its roles in ``CORE_ROLES``);
 ``research`` (tiny random models, planted tasks, fault plans: inputs built before a job, or drills); ``flare`` (the
 NVFlare job: controller, executor, recipe, preparation, the guarded simulator); ``cli`` (job.py's front end).
 """
@@ -21,11 +21,17 @@ LAYERS = ("errors", "core", "research", "flare", "cli")
 
 
 def modules(sub: str) -> list[str]:
-    return sorted(f[:-3] for f in os.listdir(os.path.join(SRC, sub)) if f.endswith(".py") and f != "__init__.py")
+    """The modules under ``fedbpt.<sub>``, subpackages included (``fedbpt.core.models.scorer``)."""
+    out = []
+    for root, dirs, files in os.walk(os.path.join(SRC, sub)):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
+        pkg = "fedbpt." + os.path.relpath(root, SRC).replace(os.sep, ".")
+        out += [f"{pkg}.{f[:-3]}" for f in files if f.endswith(".py") and f != "__init__.py"]
+    return sorted(out)
 
 
 def all_modules() -> list[str]:
-    return ["fedbpt.errors"] + [f"fedbpt.{sub}.{m}" for sub in LAYERS[1:] for m in modules(sub)]
+    return ["fedbpt.errors"] + [m for sub in LAYERS[1:] for m in modules(sub)]
 
 
 def imported(module: str) -> set[str]:
@@ -56,6 +62,33 @@ def test_every_module_imports_only_its_layer_and_those_below():
     assert not bad, bad
 
 
+# The core's roles, bottom up: a module imports only its own role and those before it. server and site are peers:
+# neither imports the other (the wire format is all they share).
+CORE_ROLES = ("state", "data", "models", "algorithm", "wire", "config", "memory", "server", "site")
+
+
+def role(module: str) -> str:
+    return module.split(".")[2]
+
+
+def test_the_core_roles_import_downward_only():
+    core = [m for m in all_modules() if m.startswith("fedbpt.core.")]
+    assert sorted({role(m) for m in core}) == sorted(CORE_ROLES)  # each module or folder of the core has a role
+    bad = [
+        f"{m} imports {i}"
+        for m in core
+        for i in sorted(imported(m))
+        if i.startswith("fedbpt.core.") and CORE_ROLES.index(role(i)) > CORE_ROLES.index(role(m))
+    ]
+    bad += [
+        f"{m} imports {i}"
+        for m in core
+        for i in imported(m)
+        if i.startswith("fedbpt.core.") and {role(m), role(i)} == {"server", "site"}
+    ]
+    assert not bad, bad
+
+
 def test_no_import_cycles():
     names = set(all_modules())
     graph = {m: {i for i in imported(m) if i in names} for m in names}
@@ -82,7 +115,7 @@ def test_import_fedbpt_loads_neither_nvflare_nor_torch():
 
 
 def test_the_core_imports_without_nvflare():
-    names = ", ".join(f"fedbpt.core.{m}" for m in modules("core"))
+    names = ", ".join(modules("core"))
     code = f"import sys, {names}; print('nvflare' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]

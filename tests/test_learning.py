@@ -9,10 +9,10 @@ import os
 import numpy as np
 import pytest
 
-from fedbpt.core.aggregation import ClientUpdate
-from fedbpt.core.baselines import FedAvgServer, LocalOnlyServer
+from fedbpt.core.algorithm.aggregation import ClientUpdate
+from fedbpt.core.algorithm.baselines import FedAvgServer, LocalOnlyServer
 from fedbpt.core.config import RunConfig
-from fedbpt.core.summary import pooled
+from fedbpt.core.server.summary import pooled
 from fedbpt.core.wire import decode_state, encode_state
 from fedbpt.research.planted import calibrated_zero, ensure_bundle
 
@@ -43,8 +43,8 @@ def small_config(seed: int, cache: str, **overrides) -> RunConfig:
 
 
 def small_run(seed: int, cache: str, **overrides):
-    from fedbpt.core.client import RuntimePool
-    from fedbpt.core.inprocess import run_in_process
+    from fedbpt.core.server.inprocess import run_in_process
+    from fedbpt.core.site.runtime import RuntimePool
     from fedbpt.flare.preflight import prepare_config
 
     cfg = prepare_config(small_config(seed, cache, **overrides))
@@ -61,7 +61,7 @@ def cache(planted_cache) -> str:
 
 
 def test_planted_bundle_is_well_formed_and_deterministic(cache, tmp_path):
-    from fedbpt.core.client import SiteRuntime
+    from fedbpt.core.site.runtime import SiteRuntime
     from fedbpt.flare.preflight import prepare_config
 
     cfg = small_config(1, cache)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import valid_upload
 
-from fedbpt.core.federation import Federation
+from fedbpt.core.server.federation import Federation
 from fedbpt.core.wire import decode_update
 from fedbpt.errors import PayloadError, TooFewClients
 
@@ -110,7 +110,7 @@ def test_bad_payload_is_rejected_logged_and_leaves_no_trace(kind, caplog):
     before = es_snapshot(with_bad)
     mean0 = with_bad._state.mean
     ok = {s: good(s, mean0) for s in ("site-1", "site-2")}
-    with caplog.at_level(logging.WARNING, logger="fedbpt.core.federation"):
+    with caplog.at_level(logging.WARNING, logger="fedbpt.core.server.federation"):
         row = with_bad.finish_round(0, targets, {**ok, "site-3": broken(kind, good("site-3", mean0))})
     without.finish_round(0, targets, dict(ok))
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedbpt.core.data import Examples
-from fedbpt.core.scorer import PLACEHOLDER_START, Scorer
-from fedbpt.core.tasks import get_task
+from fedbpt.core.data.splits import Examples
+from fedbpt.core.data.tasks import get_task
+from fedbpt.core.models.scorer import PLACEHOLDER_START, Scorer
 from fedbpt.research.tiny import build_tiny_model
 
 ROBERTA_VOCAB = 50265

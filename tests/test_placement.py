@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedbpt.core import causal
-from fedbpt.core.causal import CausalScorer
-from fedbpt.core.data import Examples
-from fedbpt.core.scorer import Encoded
-from fedbpt.core.search import LocalObjective, concat, perturb
-from fedbpt.core.tasks import TASKS, CausalPrompt, get_task
+from fedbpt.core.algorithm.search import LocalObjective, concat, perturb
+from fedbpt.core.data.splits import Examples
+from fedbpt.core.data.tasks import TASKS, CausalPrompt, get_task
+from fedbpt.core.models import causal
+from fedbpt.core.models.causal import CausalScorer
+from fedbpt.core.models.scorer import Encoded
 from fedbpt.core.wire import decode_counts, decode_update
 from fedbpt.errors import ConfigError, PayloadError
 from fedbpt.research.tiny_causal import build_tiny_causal
@@ -277,7 +277,7 @@ def test_queries_and_tokens_counted(tiny):
 def test_masked_lm_refuses_after_input(tiny_model_dir, toy_data_dir):
     """The masked scorer has no after-input placement; preflight says so in one line before any client starts."""
     from fedbpt.core.config import RunConfig
-    from fedbpt.core.scorer import Scorer
+    from fedbpt.core.models.scorer import Scorer
     from fedbpt.flare.preflight import preflight
 
     with pytest.raises(ConfigError, match="prompt_placement after_input.*causal"):
@@ -313,9 +313,9 @@ def test_counts_on_the_wire():
 
 
 def run_tiny(path: str, data_dir: str, cache_root: str, placement: str):
-    from fedbpt.core.client import RuntimePool
     from fedbpt.core.config import RunConfig
-    from fedbpt.core.inprocess import run_in_process
+    from fedbpt.core.server.inprocess import run_in_process
+    from fedbpt.core.site.runtime import RuntimePool
 
     cfg = RunConfig.build(
         model_name=path,
@@ -348,7 +348,7 @@ def test_federated_run_counts_queries_and_keeps_the_clean_shards(tiny, toy_data_
     """In-process FedBPT with Eq. 7 after the input: every round's row sums the sites' queries (examples x candidates,
     clean and perturbed: (I x lambda + 1) x 2 x train per site) and evaluation queries; the final line gives the run's
     totals; each site logs the megabytes of clean-shard keys/values it keeps; fewer tokens than the front placement."""
-    caplog.set_level("INFO", logger="fedbpt.core.client")
+    caplog.set_level("INFO", logger="fedbpt.core.site.runtime")
     summary, sizes, lines = run_tiny(tiny(), toy_data_dir, str(tmp_path / "a"), "after_input")
     search = sum((2 * 3 + 1) * 2 * train for train, _, _ in sizes.values())
     evals = sum(train + dev + test for train, dev, test in sizes.values())

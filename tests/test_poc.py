@@ -19,7 +19,7 @@ import pytest
 from deploy_util import PocDeployment, small_sst2
 from helpers import NO_SST2, SST2
 
-from fedbpt.core.checkpoint import CHECKPOINT_FILE, load
+from fedbpt.core.server.checkpoint import CHECKPOINT_FILE, load
 from fedbpt.errors import CheckpointError
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.isdir(SST2), reason=NO_SST2)]
@@ -106,8 +106,8 @@ def run_to_completion(dep: PocDeployment, job_dir: str, tmp_path) -> tuple[dict,
 def in_process(data: str, rounds: int, cache: str):
     from helpers import resolve
 
-    from fedbpt.core.client import RuntimePool
-    from fedbpt.core.inprocess import run_in_process
+    from fedbpt.core.server.inprocess import run_in_process
+    from fedbpt.core.site.runtime import RuntimePool
     from fedbpt.flare.preflight import prepare_config
 
     cfg = prepare_config(resolve([*JOB_ARGS, "--num_rounds", str(rounds), "--data_dir", data]))

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedbpt.core.causal import CausalScorer
-from fedbpt.core.data import Examples
-from fedbpt.core.scorer import Scorer
-from fedbpt.core.tasks import get_task
+from fedbpt.core.data.splits import Examples
+from fedbpt.core.data.tasks import get_task
+from fedbpt.core.models.causal import CausalScorer
+from fedbpt.core.models.scorer import Scorer
 from fedbpt.research.tiny_causal import build_tiny_causal
 
 D = 12

@@ -6,8 +6,8 @@ import helpers
 import numpy as np
 import pytest
 
-from fedbpt.core.search import GlobalState
-from fedbpt.core.summary import RunSummary, pooled, split_metric
+from fedbpt.core.algorithm.search import GlobalState
+from fedbpt.core.server.summary import RunSummary, pooled, split_metric
 from fedbpt.core.wire import decode_eval, encode_state
 from fedbpt.errors import PayloadError
 
@@ -16,7 +16,7 @@ D = 16
 
 def site_upload(tiny_model_dir, toy_data_dir, cache, **kw) -> tuple[dict, np.ndarray]:
     """site-2's first-round upload on a label-skewed split, and its train labels (what the server must not learn)."""
-    from fedbpt.core.client import SiteRuntime
+    from fedbpt.core.site.runtime import SiteRuntime
 
     cfg = helpers.make_cfg(
         model_name=tiny_model_dir,

@@ -16,11 +16,11 @@ import pytest
 from helpers import JOB, REPO
 
 from fedbpt.cli.main import resume_command
-from fedbpt.core.aggregation import ServerES
+from fedbpt.core.algorithm.aggregation import ServerES
+from fedbpt.core.algorithm.search import local_search
 from fedbpt.core.config import RunConfig
-from fedbpt.core.federation import Federation
-from fedbpt.core.search import local_search
-from fedbpt.core.summary import SUMMARY_FILE, RunSummary
+from fedbpt.core.server.federation import Federation
+from fedbpt.core.server.summary import SUMMARY_FILE, RunSummary
 from fedbpt.core.wire import ClientUpdate
 from fedbpt.errors import ConfigError
 from fedbpt.flare import simulator, workspace

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedbpt.core.aggregation import (
+from fedbpt.core.algorithm.aggregation import (
     ClientUpdate,
     RobustServerES,
     ServerES,
@@ -18,7 +18,7 @@ from fedbpt.core.aggregation import (
     shard_weights,
     weighted_told_points,
 )
-from fedbpt.core.baselines import make_server
+from fedbpt.core.algorithm.baselines import make_server
 from fedbpt.core.config import RunConfig
 
 D = 10
@@ -218,7 +218,7 @@ def test_the_incumbent_state_round_trips_and_a_resumed_server_takes_the_round_af
 
 
 def test_a_round_row_and_its_progress_line_name_the_round_gone_back_to():
-    from fedbpt.core.summary import RunSummary
+    from fedbpt.core.server.summary import RunSummary
 
     summary = RunSummary(RunConfig.build(aggregation="fedbpt_robust", num_rounds=5), "acc")
     row = {"round": 3, "clients": ["site-1"], "sigma": 0.25, "best_fitness": 0.1, "median_fitness": 0.2}
@@ -232,8 +232,8 @@ def test_robust_run_resumes_bit_for_bit(tmp_path):
     """The robust server's ES tells K + 1 points; its checkpoint records that and a resumed run continues exactly."""
     from test_checkpoint import assert_states_equal, make_cfg, run_fake, sites, state_of
 
-    from fedbpt.core import checkpoint
-    from fedbpt.core.federation import Federation
+    from fedbpt.core.server import checkpoint
+    from fedbpt.core.server.federation import Federation
 
     cfg = make_cfg(aggregation="fedbpt_robust")
     full = run_fake(cfg, range(6))
@@ -257,7 +257,7 @@ def test_a_damaged_incumbent_is_refused_on_load(tmp_path):
 
     from test_checkpoint import make_cfg, run_fake
 
-    from fedbpt.core import checkpoint
+    from fedbpt.core.server import checkpoint
     from fedbpt.errors import CheckpointError
 
     path = checkpoint.save(run_fake(make_cfg(aggregation="fedbpt_robust"), range(3)), 3, str(tmp_path))
@@ -276,8 +276,8 @@ def test_a_robust_checkpoint_without_its_incumbent_resumes_and_starts_keeping_on
 
     from test_checkpoint import make_cfg, run_fake, sites
 
-    from fedbpt.core import checkpoint
-    from fedbpt.core.federation import Federation
+    from fedbpt.core.server import checkpoint
+    from fedbpt.core.server.federation import Federation
 
     cfg = make_cfg(aggregation="fedbpt_robust")
     path = checkpoint.save(run_fake(cfg, range(3)), 3, str(tmp_path))
@@ -297,8 +297,8 @@ def test_a_robust_checkpoint_without_its_incumbent_resumes_and_starts_keeping_on
 def test_checkpoints_do_not_cross_between_faithful_and_robust(tmp_path):
     from test_checkpoint import make_cfg, run_fake, sites
 
-    from fedbpt.core import checkpoint
-    from fedbpt.core.federation import Federation
+    from fedbpt.core.server import checkpoint
+    from fedbpt.core.server.federation import Federation
     from fedbpt.errors import CheckpointError
 
     path = checkpoint.save(run_fake(make_cfg(), range(2)), 2, str(tmp_path))
@@ -312,8 +312,8 @@ def test_a_checkpoint_written_before_the_aggregation_was_recorded_resumes_as_fed
 
     from test_checkpoint import make_cfg, run_fake, sites
 
-    from fedbpt.core import checkpoint
-    from fedbpt.core.federation import Federation
+    from fedbpt.core.server import checkpoint
+    from fedbpt.core.server.federation import Federation
 
     cfg = make_cfg()
     path = checkpoint.save(run_fake(cfg, range(2)), 2, str(tmp_path))
@@ -429,9 +429,9 @@ def _collapse_run(aggregation: str, cache: str, seed: int = 1, **overrides) -> t
     the clients' training shards) of a planted run with label-skewed clients (generated text, no dataset needed)."""
     from test_learning import small_config
 
-    from fedbpt.core.client import RuntimePool
-    from fedbpt.core.inprocess import run_in_process
-    from fedbpt.core.search import evaluate
+    from fedbpt.core.algorithm.search import evaluate
+    from fedbpt.core.server.inprocess import run_in_process
+    from fedbpt.core.site.runtime import RuntimePool
     from fedbpt.flare.preflight import prepare_config
 
     cfg = prepare_config(small_config(seed, cache, aggregation=aggregation, **dict(COLLAPSE, **overrides)))

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-import fedbpt.core.scorer as scorer_module
-from fedbpt.core.data import Examples
-from fedbpt.core.scorer import Encoded, Scorer, load_model
-from fedbpt.core.tasks import TASKS, TaskSpec, get_task
+import fedbpt.core.models.scorer as scorer_module
+from fedbpt.core.data.splits import Examples
+from fedbpt.core.data.tasks import TASKS, TaskSpec, get_task
+from fedbpt.core.models.scorer import Encoded, Scorer, load_model
 from fedbpt.errors import ConfigError
 
 N_PROMPT, D = 6, 20
@@ -237,7 +237,7 @@ def test_bare_label_word_that_splits_takes_its_first_piece_and_warns(tiny_model_
     tok = load_model(tiny_model_dir, "cpu")[0]
     pieces = tok.encode("zyzzogeton", add_special_tokens=False)
     assert len(pieces) > 1
-    with caplog.at_level("WARNING", logger="fedbpt.core.scorer"):
+    with caplog.at_level("WARNING", logger="fedbpt.core.models.scorer"):
         for _ in range(2):
             s = Scorer(tiny_model_dir, _odd_task("bad", "zyzzogeton"), N_PROMPT, D, "add", seed=3)
             s.close()

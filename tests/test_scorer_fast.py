@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import deterministic_texts
 
-from fedbpt.core.data import Examples
-from fedbpt.core.scorer import Encoded, Scorer, example_losses, loss_and_metrics, plan_batches
-from fedbpt.core.search import GlobalState, LocalObjective, eq7_fitness, local_search, perturb
-from fedbpt.core.tasks import get_task
+from fedbpt.core.algorithm.search import GlobalState, LocalObjective, eq7_fitness, local_search, perturb
+from fedbpt.core.data.splits import Examples
+from fedbpt.core.data.tasks import get_task
+from fedbpt.core.models.scorer import Encoded, Scorer, example_losses, loss_and_metrics, plan_batches
 
 N_PROMPT, DIM = 8, 20
 
@@ -196,7 +196,7 @@ def test_local_search_keeps_torch_threads_for_the_objective():
 def test_no_prompt_scorer_is_the_template_alone(tiny_model_dir, mode):
     """A scorer with no prompt tokens (the verdict's "no prompt" on masked LMs) gives the model's own mask logits for
     the filled template: nothing inserted, no row added."""
-    from fedbpt.core.scorer import render
+    from fedbpt.core.models.scorer import render
 
     task = get_task("sst2")
     sc = Scorer(tiny_model_dir, task, 0, 8, cat_or_add=mode)

@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 
-from fedbpt.core import search
-from fedbpt.core.scorer import Encoded, loss_and_metrics
-from fedbpt.core.search import (
+from fedbpt.core.algorithm import search
+from fedbpt.core.algorithm.search import (
     GlobalState,
     LocalObjective,
     cached_eigh,
@@ -15,6 +14,7 @@ from fedbpt.core.search import (
     perturb,
     set_covariance,
 )
+from fedbpt.core.models.scorer import Encoded, loss_and_metrics
 
 VOCAB = np.arange(10, 1000)
 

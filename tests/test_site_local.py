@@ -9,10 +9,10 @@ import helpers
 import numpy as np
 import pytest
 
-from fedbpt.core.data import Examples
-from fedbpt.core.search import GlobalState, local_search
-from fedbpt.core.site import SITE_FILE, pick_device, site_settings
-from fedbpt.core.tasks import get_task
+from fedbpt.core.algorithm.search import GlobalState, local_search
+from fedbpt.core.data.splits import Examples
+from fedbpt.core.data.tasks import get_task
+from fedbpt.core.site.settings import SITE_FILE, pick_device, site_settings
 from fedbpt.errors import ConfigError, InjectedFault
 
 
@@ -248,7 +248,7 @@ def test_the_final_test_pass_runs_on_its_own_threads_and_gives_them_back():
     pass fails; 0 leaves the rounds' number."""
     import torch
 
-    from fedbpt.core.client import torch_threads
+    from fedbpt.core.site.runtime import torch_threads
 
     before = torch.get_num_threads()
     other = 2 if before != 2 else 3

@@ -11,10 +11,11 @@ import helpers
 import numpy as np
 import pytest
 
-from fedbpt.core import scorer as scorer_module
-from fedbpt.core.client import RuntimePool, SiteRuntime, go_hub_offline
-from fedbpt.core.inprocess import run_in_process
-from fedbpt.core.sitecache import CACHE_DIR, SetupCache, complete_model_folder
+from fedbpt.core.models import scorer as scorer_module
+from fedbpt.core.server.inprocess import run_in_process
+from fedbpt.core.site import cache as cache_module
+from fedbpt.core.site.cache import CACHE_DIR, SOURCES, SetupCache, complete_model_folder
+from fedbpt.core.site.runtime import RuntimePool, SiteRuntime, go_hub_offline
 
 
 @pytest.fixture
@@ -117,6 +118,25 @@ def test_a_damaged_entry_is_rebuilt_never_used(cfg, tmp_path, damage, caplog):
         assert any("unusable" in r.getMessage() for r in caplog.records)
 
 
+def test_the_code_key_reads_every_source_it_names(tmp_path, monkeypatch):
+    """Each module named in SOURCES exists (a moved module would otherwise drop out of the key unnoticed), and a change
+    to any of them changes the key."""
+    core = os.path.dirname(os.path.dirname(os.path.abspath(cache_module.__file__)))
+    assert [f for f in SOURCES if not os.path.isfile(os.path.join(core, f))] == []
+    copy = tmp_path / "core"
+    shutil.copytree(core, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(cache_module, "__file__", str(copy / "site" / "cache.py"))
+    before = cache_module._code_digest()
+    assert before == cache_module._code_digest()
+    for name in SOURCES:
+        path = copy / name
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n")
+        assert cache_module._code_digest() != before, name
+        path.write_bytes(original)
+    assert cache_module._code_digest() == before
+
+
 def test_two_sites_never_share_an_entry(cfg, tmp_path):
     one, two = build(cfg, tmp_path, "site-1"), build(cfg, tmp_path, "site-2")
     assert one.cache_state == two.cache_state == "written"
@@ -173,7 +193,7 @@ def test_a_hub_id_resolves_to_its_snapshot_and_the_process_goes_offline(tiny_mod
 def test_the_model_weights_are_memory_mapped_from_its_safetensors_file(tiny_model_dir):
     """transformers' from_pretrained on a local folder maps model.safetensors: a respawned process pages the weights
     in from the page cache instead of reading and copying them (nothing of the model is kept in the set-up cache)."""
-    from fedbpt.core.scorer import load_model
+    from fedbpt.core.models.scorer import load_model
 
     _, model = load_model(tiny_model_dir, "cpu")
     weights = os.path.realpath(os.path.join(tiny_model_dir, "model.safetensors"))

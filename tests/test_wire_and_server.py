@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from fedbpt.core.aggregation import ClientUpdate, ServerES, paper_sigma, reference_sigma
-from fedbpt.core.search import GlobalState
+from fedbpt.core.algorithm.aggregation import ClientUpdate, ServerES, paper_sigma, reference_sigma
+from fedbpt.core.algorithm.search import GlobalState
 from fedbpt.core.wire import decode_state, decode_update, encode_state, encode_update
 from fedbpt.errors import PayloadError
 
@@ -187,7 +187,7 @@ def test_the_server_covariance_stays_the_identity_at_d500(robust):
     with the robust server's equal slots), so after 30 rounds of client moves as long as the measured ones (42-49 in z
     at sigma 0.9, near pycma's clipping radius) the diagonal is within 0.2% of 1 and no off-diagonal entry reaches
     0.002. docs/learning.md, "Covariance sent", reads the cov-mode runs with this."""
-    from fedbpt.core.aggregation import RobustServerES
+    from fedbpt.core.algorithm.aggregation import RobustServerES
 
     d, k = 500, 10
     server = (RobustServerES if robust else ServerES)(d, 1.0, k, seed=1)

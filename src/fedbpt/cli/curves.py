@@ -12,7 +12,7 @@ import io
 import math
 import os
 
-from fedbpt.core.summary import atomic_write
+from fedbpt.core.server.summary import atomic_write
 from fedbpt.flare.workspace import CURVES_FILE
 
 __all__ = ["CURVES_FILE", "write"]

@@ -69,7 +69,7 @@ def _draw_curves(record: dict, workspace: str) -> str | None:
 
 def _result_lines(record: dict, workspace: str, curves_path: str | None) -> list[str]:
     """The console's last lines: summary, verdict, where NVFlare's log is, and (last) the curves."""
-    from fedbpt.core.summary import SUMMARY_FILE, verdict
+    from fedbpt.core.server.summary import SUMMARY_FILE, verdict
     from fedbpt.flare.console import LOG_FILE
 
     lines = [f"summary: {os.path.join(workspace, SUMMARY_FILE)} ({record['status']})"]

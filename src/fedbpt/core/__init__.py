@@ -1,1 +1,1 @@
-"""The NVFlare-free core: tasks, data, scorers, search, aggregation, wire format and round logic."""
+"""The NVFlare-free core, shipped in every job: configuration, wire format and the roles below them."""

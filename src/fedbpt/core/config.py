@@ -27,12 +27,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedbpt.core.aggregation import SIGMA_RULES
-from fedbpt.core.baselines import AGGREGATIONS, SERVER_ES
-from fedbpt.core.data import PARTITIONS
-from fedbpt.core.scorer import ATTN_IMPLEMENTATIONS, LABEL_ENCODINGS, LOSS_TYPES, PLACEMENTS, PRECISIONS, PROMPT_MODES
-from fedbpt.core.search import EQ7_FORMS, STEP_ADAPTATIONS
-from fedbpt.core.tasks import TASKS
+from fedbpt.core.algorithm.aggregation import SIGMA_RULES
+from fedbpt.core.algorithm.baselines import AGGREGATIONS, SERVER_ES
+from fedbpt.core.algorithm.search import EQ7_FORMS, STEP_ADAPTATIONS
+from fedbpt.core.data.splits import PARTITIONS
+from fedbpt.core.data.tasks import TASKS
+from fedbpt.core.models.scorer import (
+    ATTN_IMPLEMENTATIONS,
+    LABEL_ENCODINGS,
+    LOSS_TYPES,
+    PLACEMENTS,
+    PRECISIONS,
+    PROMPT_MODES,
+)
 from fedbpt.core.wire import COV_MODES, SITE_METRICS, TEST_EVALS
 from fedbpt.errors import ConfigError, opt
 

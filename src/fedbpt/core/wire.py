@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedbpt.core.aggregation import ClientUpdate
-from fedbpt.core.search import GlobalState
+from fedbpt.core.algorithm.aggregation import ClientUpdate
+from fedbpt.core.algorithm.search import GlobalState
 from fedbpt.errors import PayloadError
 
 COV_MODES = ("none", "diag", "full")  # --cov_mode: what encode_state sends of the covariance

@@ -17,7 +17,7 @@ import copy
 import json
 import os
 
-from fedbpt.core.summary import CONSOLE_LOGGER
+from fedbpt.core.server.summary import CONSOLE_LOGGER
 
 LOG_FILE = "fedbpt_log.txt"  # in the workspace, beside the summary
 _LOG_UTILS = "nvflare.fuel.utils.log_utils"

@@ -22,10 +22,10 @@ from nvflare.apis.signal import Signal
 from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
 from nvflare.fuel.utils import fobs
 
-from fedbpt.core.checkpoint import after_round, open_run
 from fedbpt.core.config import RunConfig
-from fedbpt.core.federation import Federation
-from fedbpt.core.summary import CONSOLE_LOGGER, verdict
+from fedbpt.core.server.checkpoint import after_round, open_run
+from fedbpt.core.server.federation import Federation
+from fedbpt.core.server.summary import CONSOLE_LOGGER, verdict
 from fedbpt.core.wire import ERROR_HEADER, TASK_EVAL, TASK_ROUND, TASK_SETUP
 from fedbpt.errors import CheckpointError, TooFewClients
 

@@ -12,8 +12,8 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 
-from fedbpt.core.client import SiteRuntime
 from fedbpt.core.config import RunConfig
+from fedbpt.core.site.runtime import SiteRuntime
 from fedbpt.core.wire import ERROR_HEADER, TASK_EVAL, TASK_ROUND, TASK_SETUP
 from fedbpt.errors import ConfigError
 
@@ -31,7 +31,7 @@ class FedBPTExecutor(Executor):
         site = fl_ctx.get_identity_name()
         try:
             msg = from_shareable(shareable).data
-            # the site's workspace root: local, one per site, kept through the simulator's respawns (core.sitecache)
+            # the site's workspace root: local, one per site, kept through the simulator's respawns (core.site.cache)
             cache_root = fl_ctx.get_engine().get_workspace().get_root_dir()
             runtime = SiteRuntime.get(
                 RunConfig.from_job(self.config), site, cache_root, setup_cache=True, hub_offline=True

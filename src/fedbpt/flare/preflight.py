@@ -11,8 +11,8 @@ import logging
 import os
 
 from fedbpt.core.config import Launch, RunConfig, gpu_groups, show
-from fedbpt.core.models import TINY_NAME
-from fedbpt.core.tasks import PLANTED
+from fedbpt.core.data.tasks import PLANTED
+from fedbpt.core.models.resolve import TINY_NAME
 from fedbpt.errors import ConfigError, opt
 
 log = logging.getLogger(__name__)
@@ -22,8 +22,8 @@ def prepare_config(cfg: RunConfig) -> RunConfig:
     """``cfg`` ready to run on this machine: paths made absolute and checked, research inputs (tiny-random, planted)
     built and named by path, and the checkpoint to resume from checked against it. Runs once per run, before the
     job is built."""
-    from fedbpt.core.checkpoint import load
-    from fedbpt.core.federation import check_compatible
+    from fedbpt.core.server.checkpoint import load
+    from fedbpt.core.server.federation import check_compatible
 
     changes = {}
     if cfg.data_dir:
@@ -62,10 +62,10 @@ def preflight(cfg: RunConfig, launch: Launch | None = None) -> None:
     the simulator here (``launch``: its threads and GPU groups; default: a thread per client, no GPU groups)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from fedbpt.core.data import load_split, site_data
-    from fedbpt.core.models import check_model_folder, model_kind, resolve_model
-    from fedbpt.core.scorer import check_model_source, label_token_ids
-    from fedbpt.core.tasks import get_task
+    from fedbpt.core.data.splits import load_split, site_data
+    from fedbpt.core.data.tasks import get_task
+    from fedbpt.core.models.resolve import check_model_folder, model_kind, resolve_model
+    from fedbpt.core.models.scorer import check_model_source, label_token_ids
 
     launch = (launch or Launch()).for_run(cfg)
     check_sites(cfg, [f"site-{i}" for i in range(1, cfg.num_clients + 1)])
@@ -97,7 +97,7 @@ def preflight(cfg: RunConfig, launch: Launch | None = None) -> None:
     kind = model_kind(name)
     if kind == "causal" and task.causal is None:
         raise ConfigError(
-            f"task {task.name} has no causal-LM template: use a masked LM, or add one in fedbpt/core/tasks.py"
+            f"task {task.name} has no causal-LM template: use a masked LM, or add one in fedbpt/core/data/tasks.py"
         )
     if kind == "masked" and cfg.placement == "after_input":
         raise ConfigError(
@@ -177,7 +177,7 @@ def check_machine(cfg: RunConfig, launch: Launch) -> None:
 def check_memory(cfg: RunConfig, launch: Launch, name: str, config, kind: str, task) -> None:
     """Refuse a simulator run that cannot fit this machine's memory or its GPUs (core.memory)."""
     from fedbpt.core import memory
-    from fedbpt.core.causal import HOLD_BUDGET_BYTES, KV_BUDGET_BYTES
+    from fedbpt.core.models.causal import HOLD_BUDGET_BYTES, KV_BUDGET_BYTES
 
     cuda = launch.gpu is not None or str(cfg.device or "").startswith("cuda")
     gpu_bytes = None
@@ -204,7 +204,7 @@ def check_memory(cfg: RunConfig, launch: Launch, name: str, config, kind: str, t
 
 def check_fitting(cfg: RunConfig, task, tok, config, kind: str, sets: dict) -> None:
     """Refuse a run whose every training or test example the scorer would drop as too long."""
-    from fedbpt.core import causal, scorer
+    from fedbpt.core.models import causal, scorer
 
     n = cfg.n_prompt_tokens
     for split, examples in sets.items():

@@ -19,9 +19,9 @@ from collections.abc import Callable
 
 from nvflare.recipe.sim_env import SimEnv
 
-from fedbpt.core.checkpoint import load
 from fedbpt.core.config import Launch, RunConfig
-from fedbpt.core.summary import SUMMARY_FILE, atomic_write, strict_json
+from fedbpt.core.server.checkpoint import load
+from fedbpt.core.server.summary import SUMMARY_FILE, atomic_write, strict_json
 from fedbpt.errors import CheckpointError
 from fedbpt.flare.console import LOG_FILE, write_log_config
 from fedbpt.flare.workspace import check, collect, prepare, protected_folders, simulator_dir

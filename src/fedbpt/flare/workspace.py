@@ -21,8 +21,8 @@ import glob
 import os
 import shutil
 
-from fedbpt.core.checkpoint import CHECKPOINT_FILE
-from fedbpt.core.summary import SUMMARY_FILE
+from fedbpt.core.server.checkpoint import CHECKPOINT_FILE
+from fedbpt.core.server.summary import SUMMARY_FILE
 from fedbpt.errors import ConfigError, opt
 from fedbpt.flare.console import LOG_FILE
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from fedbpt.core.config import RunConfig
-from fedbpt.core.models import TINY_NAME
+from fedbpt.core.models.resolve import TINY_NAME
 from fedbpt.errors import ConfigError, opt
 from fedbpt.research.tiny import build_tiny_model, tiny_model_key
 
@@ -19,8 +19,8 @@ def materialize(cfg: RunConfig) -> RunConfig:
     are deterministic and built once in ``model_cache_dir`` (default: the user's fedbpt model cache). Anything
     else is returned unchanged.
     """
-    from fedbpt.core.models import model_cache_dir
-    from fedbpt.core.tasks import PLANTED
+    from fedbpt.core.data.tasks import PLANTED
+    from fedbpt.core.models.resolve import model_cache_dir
 
     cache = cfg.model_cache_dir or model_cache_dir()
     if cfg.task_name == PLANTED:
@@ -34,8 +34,8 @@ def materialize(cfg: RunConfig) -> RunConfig:
         return cfg
     if cfg.model_name != TINY_NAME:
         return cfg
-    from fedbpt.core.data import load_split
-    from fedbpt.core.tasks import get_task
+    from fedbpt.core.data.splits import load_split
+    from fedbpt.core.data.tasks import get_task
 
     task = get_task(cfg.task_name)
     texts = [" ".join(t) for t in load_split(task, "train", cfg.data_dir).texts]

@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedbpt.core.models import TINY_NAME
-from fedbpt.core.tasks import PLANTED, get_task
+from fedbpt.core.data.tasks import PLANTED, get_task
+from fedbpt.core.models.resolve import TINY_NAME
 from fedbpt.errors import ConfigError, opt
 
 if TYPE_CHECKING:
@@ -186,7 +186,7 @@ def bundle_key(cfg: RunConfig, texts: list[str]) -> str:
 
 
 def _scorer(cfg: RunConfig, model_dir: str):
-    from fedbpt.core.scorer import Scorer
+    from fedbpt.core.models.scorer import Scorer
 
     opts = cfg.scorer_options("masked")
     return Scorer(
@@ -268,8 +268,8 @@ def _draw_z_star(scorer, check, rng: np.random.Generator, d: int, seed: int) -> 
 def _build(cfg: RunConfig, texts: list[str], out: str) -> None:
     from transformers import AutoModelForMaskedLM
 
-    from fedbpt.core.data import Examples
-    from fedbpt.core.scorer import _MODEL_CACHE, Encoded
+    from fedbpt.core.data.splits import Examples
+    from fedbpt.core.models.scorer import _MODEL_CACHE, Encoded
     from fedbpt.research.tiny import build_tiny_model
 
     task = get_task(PLANTED)

@@ -73,7 +73,7 @@ def build_tiny_causal(out_dir: str, arch: str = "llama", seed: int = 0, add_bos:
     )
     from transformers.utils import logging as hf_logging
 
-    from fedbpt.core.tasks import TASKS
+    from fedbpt.core.data.tasks import TASKS
 
     hf_logging.disable_progress_bar()
     if os.path.isfile(os.path.join(out_dir, "config.json")):

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedbpt.core.data import Examples, hub_unreachable
-from fedbpt.core.tasks import TaskSpec
+from fedbpt.core.data.splits import Examples, hub_unreachable
+from fedbpt.core.data.tasks import TaskSpec
 from fedbpt.errors import ConfigError, opt
 
 log = logging.getLogger(__name__)
@@ -275,7 +275,7 @@ class PromptScorer:
         prompt_placement: str | None = None,
         cached_projection: tuple | None = None,
     ) -> None:
-        """``cached_projection``: (A^T, its std) from the site's set-up cache (core.sitecache, whose key covers
+        """``cached_projection``: (A^T, its std) from the site's set-up cache (core.site.cache, whose key covers
         everything that decides A), used instead of drawing A again."""
         import torch
 

@@ -43,9 +43,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedbpt.core.data import Examples
-from fedbpt.core.models import TOKENIZER_FILES, WEIGHT_FILES
-from fedbpt.core.scorer import Encoded
+from fedbpt.core.data.splits import Examples
+from fedbpt.core.models.resolve import TOKENIZER_FILES, WEIGHT_FILES
+from fedbpt.core.models.scorer import Encoded
 
 if TYPE_CHECKING:
     from fedbpt.core.config import RunConfig
@@ -70,16 +70,16 @@ RUN_ONLY = frozenset(
     }
 )  # fmt: skip
 # The modules whose code decides an entry's content: any change to them misses every entry.
-SOURCES = (
-    "client.py",
+SOURCES = (  # relative to the core folder
     "config.py",
-    "data.py",
-    "models.py",
-    "site.py",
-    "tasks.py",
-    "scorer.py",
-    "causal.py",
-    "sitecache.py",
+    "data/splits.py",
+    "data/tasks.py",
+    "models/resolve.py",
+    "models/scorer.py",
+    "models/causal.py",
+    "site/runtime.py",
+    "site/settings.py",
+    "site/cache.py",
 )
 LIBRARIES = ("torch", "transformers", "tokenizers", "numpy")
 
@@ -113,7 +113,7 @@ def folder_id(path: str) -> list:
 
 
 def _code_digest() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     h = hashlib.sha256()
     for name in SOURCES:
         try:
@@ -136,7 +136,7 @@ def _library_versions() -> dict:
 
 def data_files(task, data_dir: str | None, splits: tuple[str, ...]) -> list:
     """Identity of the files ``load_split`` reads for ``splits``: path, size, mtime; a hub dataset by its name."""
-    from fedbpt.core.data import _find_local_file
+    from fedbpt.core.data.splits import _find_local_file
 
     if not data_dir:
         return [["hub", task.hub_path, task.hub_config, split] for split in splits]
@@ -182,7 +182,7 @@ class SetupCache:
 
     # ---- key -------------------------------------------------------------------------------------------
     def key(self, cfg: RunConfig, local, is_eval: bool, model_path: str, task) -> dict:
-        """Everything that decides this site's entry (``local``: its core.site.SiteSettings)."""
+        """Everything that decides this site's entry (``local``: its core.site.settings.SiteSettings)."""
         splits = ("train", task.test_split) if is_eval else ("train",)
         return {
             "format": FORMAT,

@@ -255,7 +255,7 @@ def model_kind(path: str) -> str:
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     )
 
-    from fedbpt.core.scorer import check_model_source
+    from fedbpt.core.models.scorer import check_model_source
 
     check_model_source(path)
     try:

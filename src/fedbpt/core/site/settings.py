@@ -21,8 +21,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fedbpt.core.data import SITE_PATTERN, Examples, SiteData, k_shot_indices, site_data, site_index
-from fedbpt.core.tasks import TaskSpec
+from fedbpt.core.data.splits import SITE_PATTERN, Examples, SiteData, k_shot_indices, site_data, site_index
+from fedbpt.core.data.tasks import TaskSpec
 from fedbpt.errors import ConfigError, opt
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedbpt.core.scorer import metric_from_confusion
+from fedbpt.core.models.scorer import metric_from_confusion
 from fedbpt.core.state import StateError, array, integer, mapping, member, optional_metric, sequence
 from fedbpt.core.wire import PRIVATE_SPLITS
 

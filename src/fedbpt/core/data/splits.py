@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from fedbpt.core.tasks import TaskSpec
+from fedbpt.core.data.tasks import TaskSpec
 from fedbpt.errors import ConfigError, opt
 
 PARTITIONS = ("hsu", "per_class")  # --partition: the non-IID schemes of partition()

@@ -1,9 +1,9 @@
 """The state of a pycma CMAEvolutionStrategy as a state dict (:mod:`fedbpt.core.state`), checked before it is set.
 
 pycma has no state API of its own, and pickling the strategy would make loading a saved state run code. These lists
-name what its tell() reads or carries forward (cma 4.x); :class:`~fedbpt.core.aggregation.ServerES` saves and loads
-its CMA-ES through them. B, C and D live in the sampler ``sm``; the strategy holds aliases of them. Attributes missing
-or None when saved are restored as None.
+name what its tell() reads or carries forward (cma 4.x); :class:`~fedbpt.core.algorithm.aggregation.ServerES` saves
+and loads its CMA-ES through them. B, C and D live in the sampler ``sm``; the strategy holds aliases of them.
+Attributes missing or None when saved are restored as None.
 
 Under ``name`` (the server uses ``es``) a state holds ``{"scalars": ..., "lists": ..., "none": [...]}``; each array
 field sits beside it as ``name.path`` (``es.mean``, ``es.sm.C``).

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedbpt.core.aggregation import AggregationInfo, ClientUpdate, RobustServerES, ServerES, client_stats
-from fedbpt.core.search import GlobalState
+from fedbpt.core.algorithm.aggregation import AggregationInfo, ClientUpdate, RobustServerES, ServerES, client_stats
+from fedbpt.core.algorithm.search import GlobalState
 
 AGGREGATIONS = ("fedbpt", "fedbpt_robust", "fedavg", "local")  # --aggregation, built by make_server
 SERVER_ES = ("fedbpt", "fedbpt_robust")  # the aggregations with a server CMA-ES: checkpointed, resumable

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedbpt.core.cma_state import SIGMA_MAX
-from fedbpt.core.cma_state import check_state as check_es_state
-from fedbpt.core.cma_state import set_state as set_es_state
-from fedbpt.core.cma_state import state_dict as es_state_dict
-from fedbpt.core.search import GlobalState, make_es
+from fedbpt.core.algorithm.cma_state import SIGMA_MAX
+from fedbpt.core.algorithm.cma_state import check_state as check_es_state
+from fedbpt.core.algorithm.cma_state import set_state as set_es_state
+from fedbpt.core.algorithm.cma_state import state_dict as es_state_dict
+from fedbpt.core.algorithm.search import GlobalState, make_es
 from fedbpt.core.state import StateError, member, number
 
 log = logging.getLogger(__name__)
@@ -290,8 +290,8 @@ class ServerES:
         return sigma_sent(self.sigma_rule, after, before, self.sent_sigma)
 
     def state_dict(self) -> dict:
-        """What a resumed server needs: its CMA-ES (:mod:`fedbpt.core.cma_state`, under ``es``) and the step sent on,
-        the one step that carries over between rounds."""
+        """What a resumed server needs: its CMA-ES (:mod:`fedbpt.core.algorithm.cma_state`, under ``es``) and the step
+        sent on, the one step that carries over between rounds."""
         return {**es_state_dict(self.es, "es"), "sent_sigma": float(self.sent_sigma)}
 
     @classmethod

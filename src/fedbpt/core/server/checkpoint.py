@@ -1,7 +1,7 @@
 """Server checkpoints: a run's state in one file, so that a stopped run continues bit for bit.
 
 A checkpoint is one ``.npz`` file (numpy's zip of ``.npy`` arrays, read with ``allow_pickle=False``) holding
-:meth:`Federation.state_dict <fedbpt.core.federation.Federation.state_dict>`: each array of the state as an entry
+:meth:`Federation.state_dict <fedbpt.core.server.federation.Federation.state_dict>`: each array of the state as an entry
 under its name (``es.mean``, ``np_global_keys``), everything else in a JSON header. Nothing is pickled, so loading a
 checkpoint cannot run code. It is written to a temporary file and renamed, so a server killed mid-write leaves the
 previous checkpoint intact.
@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedbpt.core.federation import Federation, check_compatible
+from fedbpt.core.server.federation import Federation, check_compatible
+from fedbpt.core.server.summary import _json_default, atomic_write
 from fedbpt.core.state import MissingField, StateError
-from fedbpt.core.summary import _json_default, atomic_write
 from fedbpt.errors import CheckpointError, opt
 
 if TYPE_CHECKING:

@@ -1,8 +1,8 @@
 """The server's round logic, free of NVFlare: who takes part, what they get, what their answers change.
 
-The NVFlare controller moves these messages over the network; core.inprocess moves them by function call, which
+The NVFlare controller moves these messages over the network; core.server.inprocess moves them by function call, which
 is what fast tests and benchmarks use. Both drive the same :class:`Federation`, so they cannot drift apart. The
-Federation owns the run's state (:meth:`Federation.state_dict`), which a checkpoint file holds (core.checkpoint).
+Federation owns the run's state (:meth:`Federation.state_dict`), which a checkpoint file holds (core.server.checkpoint).
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedbpt.core.aggregation import RobustServerES, ServerES
-from fedbpt.core.baselines import make_server
+from fedbpt.core.algorithm.aggregation import RobustServerES, ServerES
+from fedbpt.core.algorithm.baselines import make_server
+from fedbpt.core.data.tasks import get_task
+from fedbpt.core.server.summary import RunSummary
 from fedbpt.core.state import (
     StateError,
     check_generator_state,
@@ -29,8 +31,6 @@ from fedbpt.core.state import (
     set_generator_state,
     set_global_state,
 )
-from fedbpt.core.summary import RunSummary
-from fedbpt.core.tasks import get_task
 from fedbpt.core.wire import COUNTS, decode_counts, decode_eval, decode_update, encode_state
 from fedbpt.errors import CheckpointError, PayloadError, TooFewClients, opt
 
@@ -81,7 +81,7 @@ def fingerprint(cfg: RunConfig) -> dict:
 
 
 def check_compatible(ckpt, cfg: RunConfig, clients_per_round: int | None = None) -> None:
-    """Refuse a checkpoint (core.checkpoint.Checkpoint) written by a run with other settings (d, task, seed, ...)."""
+    """Refuse a checkpoint (checkpoint.Checkpoint) written by a run with other settings (d, task, seed, ...)."""
     saved = ckpt.header["config"]
     saved = {**ADDED_LATER, "dev_shot": saved.get("k_shot"), **saved}  # dev was k_shot per class before --dev_shot
     diffs = [
@@ -232,7 +232,7 @@ class Federation:
     def check_state(state: dict) -> None:
         """Raise StateError for the first field of ``state`` a run could not continue from. The dimension, the
         points told a round and the server's kind are the state's own, so a saved state is checked before any
-        Federation exists; settings that differ from a run's are :func:`~fedbpt.core.checkpoint.check_compatible`'s."""
+        Federation exists; settings that differ from a run's are :func:`check_compatible`'s."""
         _, d, told = _check_run_state(state)
         robust = state["config"].get("aggregation") == "fedbpt_robust"
         (RobustServerES if robust else ServerES).check_state(state, d, told)

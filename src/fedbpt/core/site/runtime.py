@@ -4,7 +4,7 @@ The NVFlare executor is a thin wrapper around :class:`SiteRuntime`. A runtime is
 by (config, site): the simulator recreates executors between tasks when it runs fewer threads than clients, and
 everything here can be rebuilt from the config and the site name alone. With fewer threads than clients it also
 runs every task in a fresh process; what the site derived is then read back from its set-up cache on disk
-(core.sitecache) instead of being rebuilt.
+(core.site.cache) instead of being rebuilt.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedbpt.core.data import load_split
-from fedbpt.core.models import TINY_NAME, model_kind, resolve_model
-from fedbpt.core.search import LocalObjective, derive_seed, evaluate, local_search, perturb
-from fedbpt.core.site import pick_device, site_settings
-from fedbpt.core.sitecache import Entry, SetupCache
-from fedbpt.core.tasks import get_task
+from fedbpt.core.algorithm.search import LocalObjective, derive_seed, evaluate, local_search, perturb
+from fedbpt.core.data.splits import load_split
+from fedbpt.core.data.tasks import get_task
+from fedbpt.core.models.resolve import TINY_NAME, model_kind, resolve_model
+from fedbpt.core.site.cache import Entry, SetupCache
+from fedbpt.core.site.settings import pick_device, site_settings
 from fedbpt.core.wire import PRIVATE_SPLITS, encode_update, state_for_site
 from fedbpt.errors import ConfigError
 
@@ -41,9 +41,9 @@ def build_scorer(cfg: RunConfig, model_path: str, task, device: str, cached_proj
     ``cached_projection``: (A^T, std) from the site's set-up cache."""
     kind = model_kind(model_path)
     if kind == "causal":
-        from fedbpt.core.causal import CausalScorer as cls
+        from fedbpt.core.models.causal import CausalScorer as cls
     else:
-        from fedbpt.core.scorer import Scorer as cls
+        from fedbpt.core.models.scorer import Scorer as cls
     opts = cfg.scorer_options(kind)
     return cls(
         model_path,
@@ -126,7 +126,7 @@ class SiteRuntime:
     model and projection A; for causal LMs the held text keys/values.
 
     ``setup_cache``: read what the site derives from (config, site) from its set-up cache under ``cache_root``
-    (core.sitecache), writing it on the first set-up, so a respawned client process reloads it instead of
+    (core.site.cache), writing it on the first set-up, so a respawned client process reloads it instead of
     rebuilding it. ``hub_offline``: once the cache holds an entry (every file resolved locally), run the process
     hub-offline. ``setup_seconds`` (building) and ``import_seconds`` (library imports this process had to do) are
     reported once, by the first task that takes them (:meth:`take_setup_seconds`). ``cache_state``: read, written,

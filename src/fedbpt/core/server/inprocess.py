@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from fedbpt.core.checkpoint import after_round, open_run
 from fedbpt.core.config import RunConfig
-from fedbpt.core.federation import Federation
-from fedbpt.core.summary import RunSummary
+from fedbpt.core.server.checkpoint import after_round, open_run
+from fedbpt.core.server.federation import Federation
+from fedbpt.core.server.summary import RunSummary
 from fedbpt.core.wire import payload_bytes
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedbpt.core.scorer import Encoded, example_losses, loss_and_metrics
+from fedbpt.core.models.scorer import Encoded, example_losses, loss_and_metrics
 
 EPS = 1e-12
 EQ7_FORMS = ("mean_ratio", "per_example")  # --eq7: mean_ratio as the reference, per_example as the paper writes it

@@ -41,8 +41,9 @@ import logging
 
 import numpy as np
 
-from fedbpt.core.data import Examples
-from fedbpt.core.scorer import (
+from fedbpt.core.data.splits import Examples
+from fedbpt.core.data.tasks import TaskSpec
+from fedbpt.core.models.scorer import (
     MAX_SEQ_LEN,
     Encoded,
     PromptScorer,
@@ -51,7 +52,6 @@ from fedbpt.core.scorer import (
     render,
     text_token_mask,
 )
-from fedbpt.core.tasks import TaskSpec
 from fedbpt.errors import ConfigError, opt
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class CausalScorer(PromptScorer):
     def check_task(self, task: TaskSpec) -> None:
         if task.causal is None:
             raise ConfigError(
-                f"task {task.name} has no causal template (TaskSpec.causal): add one in fedbpt/core/tasks.py"
+                f"task {task.name} has no causal template (TaskSpec.causal): add one in fedbpt/core/data/tasks.py"
             )
 
     def build(self) -> None:
