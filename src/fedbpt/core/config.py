@@ -609,15 +609,6 @@ def gpu_groups(gpu: str) -> list[str]:
     return [m.group(1) or m.group(2) for m in re.finditer(r"\[([\d,]+)\]|(\d+)", gpu)]
 
 
-def client_gpus(gpu: str | None, sites: list[str]) -> dict[str, str | None]:
-    """Which GPU group (its CUDA_VISIBLE_DEVICES) each simulated client runs on: NVFlare deals the clients, in site
-    order, to the groups in turn. None: no --gpu, the client sees what the launcher saw."""
-    if gpu is None:
-        return dict.fromkeys(sites)
-    groups = gpu_groups(gpu)
-    return {site: groups[i % len(groups)] for i, site in enumerate(sites)}
-
-
 # --- presets ------------------------------------------------------------------------------------------------------
 
 

@@ -33,7 +33,6 @@ RESULT_FILES = (SUMMARY_FILE, "prompt_best.npy", "prompt_final.npy", CHECKPOINT_
 CURVES_FILE = "fedbpt_curves.png"  # drawn by the command line (cli.curves) from the summary
 LAUNCHER_FILES = (LOG_FILE, CURVES_FILE)  # written in W by the launcher and the run's processes
 RUN_FILES = RESULT_FILES + LAUNCHER_FILES  # what a new run moves to W/previous/
-OWN_ENTRIES = {MARKER, SIM_DIR, "models", PREVIOUS_DIR, *RUN_FILES}
 
 
 def protected_folders() -> dict[str, str]:
