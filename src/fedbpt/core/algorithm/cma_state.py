@@ -5,8 +5,8 @@ name what its tell() reads or carries forward (cma 4.x); :class:`~fedbpt.core.al
 and loads its CMA-ES through them. B, C and D live in the sampler ``sm``; the strategy holds aliases of them.
 Attributes missing or None when saved are restored as None.
 
-Under ``name`` (the server uses ``es``) a state holds ``{"scalars": ..., "lists": ..., "none": [...]}``; each array
-field sits beside it as ``name.path`` (``es.mean``, ``es.sm.C``).
+Under ``name`` (the server uses ``es``) a state holds ``{"scalars", "lists", "none", "decoding"}``; each array field
+sits beside it as ``name.path`` (``es.mean``, ``es.sm.C``, ``es.sigma_vec.scaling``).
 """
 
 from __future__ import annotations
@@ -70,6 +70,11 @@ SCALARS = (
 )
 LISTS = ("fit.hist", "fit.histbest", "fit.histmedian")
 ALIASES = ("B", "C", "D")  # es.X is es.sm.X
+# pycma's diagonal decoding (its DiagonalDecoding ``sigma_vec``): the identity, a scalar 1, until a box's maxstd
+# (with --bound, a third of the box's width) rescales a coordinate, which makes ``scaling`` a vector. ``dim`` is not
+# derived from it: pycma leaves it 1 when it widens ``scaling``, and its learning rates read ``dim``. A state that
+# does not hold these fields leaves the strategy's own decoding, which is exact for runs without --bound.
+DECODING = ("sigma_vec.scaling", "sigma_vec.is_identity", "sigma_vec.dim")
 
 # what the checks expect of each field
 _REQUIRED = ("mean", "pc", "adapt_sigma.ps", "sm.C", "sm.B", "sm.D", "sigma", "countiter")  # never None while running
@@ -125,6 +130,9 @@ def state_dict(es, name: str) -> dict:
     for path in LISTS:
         v = _get(es, path)
         numbers["lists"][path] = [] if v is None else [_scalar(x) for x in v]
+    vec = es.sigma_vec
+    out[f"{name}.sigma_vec.scaling"] = np.array(vec.scaling, dtype=np.float64, copy=True)
+    numbers["decoding"] = {"is_identity": bool(vec.is_identity), "dim": int(vec.dim)}
     return {name: numbers, **out}
 
 
@@ -176,6 +184,23 @@ def check_state(state: dict, name: str, d: int, k: int) -> None:
         field = f"{name}.lists.{path}"
         for v in sequence(member(lists, path, field), field):
             number(v, field, finite=False)
+    _check_decoding(state, name, d)
+
+
+def _check_decoding(state: dict, name: str, d: int) -> None:
+    """The diagonal decoding, where the state holds it: positive scales, one or one per coordinate."""
+    field, scaling = f"{name}.decoding", f"{name}.sigma_vec.scaling"
+    if "decoding" not in state[name] and scaling not in state:
+        return
+    decoding = mapping(member(state[name], "decoding", field), field)
+    flag(member(decoding, "is_identity", f"{field}.is_identity"), f"{field}.is_identity")
+    dim = integer(member(decoding, "dim", f"{field}.dim"), f"{field}.dim", 1)
+    if dim not in (1, d):
+        raise StateError(f"{field}.dim", f"is {dim}, not 1 or {d}")
+    a = member(state, scaling)
+    array(state, scaling, () if isinstance(a, np.ndarray) and a.shape == () else (d,))
+    if not np.all(a > 0):
+        raise StateError(scaling, "has a zero or negative entry: not a scaling")
 
 
 def _check_covariance(state: dict, name: str, none: list, d: int) -> None:
@@ -203,7 +228,7 @@ def set_state(es, state: dict, name: str) -> None:
     An AttributeError here means ``es`` is laid out otherwise than the pycma that wrote the state; it is raised
     before ``es`` changes. numpy's global generator, which pycma's ask() draws from, is left as it was.
     """
-    for path in ARRAYS + SCALARS + LISTS:
+    for path in ARRAYS + SCALARS + LISTS + DECODING:
         _parent(es, path)
     numbers = state[name]
     rng = np.random.get_state()
@@ -226,3 +251,8 @@ def set_state(es, state: dict, name: str) -> None:
         setattr(obj, attr, list(numbers["lists"][path]))
     for alias in ALIASES:
         setattr(es, alias, getattr(es.sm, alias))
+    if "decoding" in numbers:
+        vec = es.sigma_vec
+        vec.scaling = np.array(state[f"{name}.sigma_vec.scaling"], copy=True)
+        vec.is_identity = numbers["decoding"]["is_identity"]
+        vec.dim = numbers["decoding"]["dim"]
