@@ -100,7 +100,7 @@ def assert_same_state(a: dict, b: dict) -> None:
             assert json.dumps(a[k], default=_json_default) == json.dumps(b[k], default=_json_default), k
 
 
-@pytest.mark.parametrize("server_sigma, bound", [("paper", 0.0), ("reference", 0.0), ("paper", 3.0)])
+@pytest.mark.parametrize("server_sigma, bound", [("paper", 0.0), ("reference", 0.0), ("paper", 3.0), ("paper", 0.5)])
 def test_resumed_server_continues_bit_for_bit(tmp_path, server_sigma, bound):
     cfg = make_cfg(server_sigma=server_sigma, bound=bound)
     full = run_fake(cfg, range(6))
